@@ -1,0 +1,289 @@
+//! The Cognito side: one `ForgotPassword` call per job attempt.
+//!
+//! The SDK client is built with its retries **off**
+//! (`RetryConfig::disabled()`). By default the SDK would itself retry
+//! TooManyRequests and LimitExceeded; stacked under our policy that would
+//! multiply calls against a shared, unraisable quota, and retry a per-user
+//! limit at once. [`crate::policy`] is therefore the only retry policy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_cognitoidentityprovider::Client;
+use aws_sdk_cognitoidentityprovider::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_cognitoidentityprovider::types::{AnalyticsMetadataType, UserContextDataType};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+
+use crate::config::CognitoSettings;
+use crate::job::ResetJob;
+use crate::telemetry;
+
+/// Builds the Cognito client from the shared AWS config (region, credentials,
+/// `AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER`), with SDK retries disabled
+/// and a per-call timeout.
+pub fn build_client(sdk: &SdkConfig, settings: &CognitoSettings) -> Client {
+    let conf = aws_sdk_cognitoidentityprovider::config::Builder::from(sdk)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(Duration::from_secs(settings.request_timeout_seconds))
+                .connect_timeout(Duration::from_secs(3))
+                .build(),
+        )
+        .build();
+    Client::from_conf(conf)
+}
+
+/// Base64(HMAC-SHA256(key = client secret, message = username + client id)).
+pub fn secret_hash(secret: &str, username: &str, client_id: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(username.as_bytes());
+    mac.update(client_id.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Every error the outcome policy knows by name, plus transport classes.
+/// Also the `code` label of `reset_worker_cognito_requests_total`, so the
+/// label set stays small and fixed whatever a server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    TooManyRequests,
+    InternalError,
+    LimitExceeded,
+    UserNotFound,
+    InvalidParameter,
+    UserLambdaValidation,
+    CodeDeliveryFailure,
+    InvalidLambdaResponse,
+    UnexpectedLambda,
+    NotAuthorized,
+    ResourceNotFound,
+    InvalidEmailRoleAccessPolicy,
+    InvalidSmsRoleAccessPolicy,
+    InvalidSmsRoleTrustRelationship,
+    Forbidden,
+    /// The call exceeded `cognito.request_timeout_seconds`.
+    Timeout,
+    /// No HTTP response: connection refused, reset, DNS, TLS.
+    Connection,
+    /// A 5xx answer without a known error code.
+    ServerError,
+    /// Anything else, including codes this build does not know.
+    Other,
+}
+
+impl ErrorCode {
+    pub fn from_aws_code(code: &str) -> Self {
+        // Some protocols send "Namespace#Code" or "Code:detail".
+        let code = code.rsplit('#').next().unwrap_or(code);
+        let code = code.split(':').next().unwrap_or(code);
+        match code {
+            "TooManyRequestsException" => Self::TooManyRequests,
+            "InternalErrorException" => Self::InternalError,
+            "LimitExceededException" => Self::LimitExceeded,
+            "UserNotFoundException" => Self::UserNotFound,
+            "InvalidParameterException" => Self::InvalidParameter,
+            "UserLambdaValidationException" => Self::UserLambdaValidation,
+            "CodeDeliveryFailureException" => Self::CodeDeliveryFailure,
+            "InvalidLambdaResponseException" => Self::InvalidLambdaResponse,
+            "UnexpectedLambdaException" => Self::UnexpectedLambda,
+            "NotAuthorizedException" => Self::NotAuthorized,
+            "ResourceNotFoundException" => Self::ResourceNotFound,
+            "InvalidEmailRoleAccessPolicyException" => Self::InvalidEmailRoleAccessPolicy,
+            "InvalidSmsRoleAccessPolicyException" => Self::InvalidSmsRoleAccessPolicy,
+            "InvalidSmsRoleTrustRelationshipException" => Self::InvalidSmsRoleTrustRelationship,
+            "ForbiddenException" => Self::Forbidden,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooManyRequests => "TooManyRequestsException",
+            Self::InternalError => "InternalErrorException",
+            Self::LimitExceeded => "LimitExceededException",
+            Self::UserNotFound => "UserNotFoundException",
+            Self::InvalidParameter => "InvalidParameterException",
+            Self::UserLambdaValidation => "UserLambdaValidationException",
+            Self::CodeDeliveryFailure => "CodeDeliveryFailureException",
+            Self::InvalidLambdaResponse => "InvalidLambdaResponseException",
+            Self::UnexpectedLambda => "UnexpectedLambdaException",
+            Self::NotAuthorized => "NotAuthorizedException",
+            Self::ResourceNotFound => "ResourceNotFoundException",
+            Self::InvalidEmailRoleAccessPolicy => "InvalidEmailRoleAccessPolicyException",
+            Self::InvalidSmsRoleAccessPolicy => "InvalidSmsRoleAccessPolicyException",
+            Self::InvalidSmsRoleTrustRelationship => "InvalidSmsRoleTrustRelationshipException",
+            Self::Forbidden => "ForbiddenException",
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::ServerError => "server_error",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A failed call. The message text from the server is kept for the operator
+/// (it names e.g. the missing role) but it can echo request values, so it is
+/// only logged for fatal errors, which concern the setup, not a user.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}", code.as_str(), http_status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+pub struct CallError {
+    pub code: ErrorCode,
+    pub http_status: Option<u16>,
+    pub server_message: Option<String>,
+}
+
+impl CallError {
+    fn from_sdk<E, R>(err: &SdkError<E, R>, status: Option<u16>) -> Self
+    where
+        E: ProvideErrorMetadata,
+    {
+        let code = match err {
+            SdkError::TimeoutError(_) => ErrorCode::Timeout,
+            SdkError::DispatchFailure(d) if d.is_timeout() => ErrorCode::Timeout,
+            SdkError::DispatchFailure(_) => ErrorCode::Connection,
+            _ => match err.code() {
+                Some(c) => match ErrorCode::from_aws_code(c) {
+                    ErrorCode::Other if status.is_some_and(|s| s >= 500) => ErrorCode::ServerError,
+                    known => known,
+                },
+                None if status.is_some_and(|s| s >= 500) => ErrorCode::ServerError,
+                None => ErrorCode::Other,
+            },
+        };
+        Self {
+            code,
+            http_status: status,
+            server_message: err.message().map(str::to_owned),
+        }
+    }
+}
+
+/// How the code was delivered (`EMAIL`, `SMS`); never the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub medium: &'static str,
+}
+
+/// Calls ForgotPassword with every parameter the job and config provide.
+pub struct Cognito {
+    client: Client,
+    client_id: String,
+    client_secret: Option<SecretString>,
+    default_metadata: BTreeMap<String, String>,
+}
+
+impl Cognito {
+    pub fn new(client: Client, settings: &CognitoSettings) -> Self {
+        Self {
+            client,
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+            default_metadata: settings.client_metadata.clone(),
+        }
+    }
+
+    pub async fn forgot_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
+        let username = job.username.expose();
+        let metadata: HashMap<String, String> = job
+            .merged_metadata(&self.default_metadata)
+            .into_iter()
+            .collect();
+        let mut request = self
+            .client
+            .forgot_password()
+            .client_id(&self.client_id)
+            .username(username)
+            .set_secret_hash(
+                self.client_secret
+                    .as_ref()
+                    .map(|s| secret_hash(s.expose_secret(), username, &self.client_id)),
+            );
+        if !metadata.is_empty() {
+            request = request.set_client_metadata(Some(metadata));
+        }
+        if let Some(ctx) = &job.user_context {
+            request = request.user_context_data(
+                UserContextDataType::builder()
+                    .set_ip_address(ctx.ip_address.clone())
+                    .set_encoded_data(ctx.encoded_data.clone())
+                    .build(),
+            );
+        }
+        if let Some(id) = &job.analytics_endpoint_id {
+            request = request.analytics_metadata(
+                AnalyticsMetadataType::builder()
+                    .analytics_endpoint_id(id)
+                    .build(),
+            );
+        }
+
+        let started = Instant::now();
+        let result = request.send().await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(out) => {
+                let medium = out
+                    .code_delivery_details()
+                    .and_then(|d| d.delivery_medium())
+                    .map(|m| match m.as_str() {
+                        "EMAIL" => "EMAIL",
+                        "SMS" => "SMS",
+                        _ => "other",
+                    })
+                    .unwrap_or("none");
+                telemetry::cognito_request(Ok(()), elapsed);
+                Ok(Delivery { medium })
+            }
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                let call_error = CallError::from_sdk(&err, status);
+                telemetry::cognito_request(Err(call_error.code), elapsed);
+                Err(call_error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_hash_matches_known_vector() {
+        // Computed independently with Python:
+        // base64.b64encode(hmac.new(b"client-secret-123",
+        //     b"alice@example.com" + b"1example23456789", hashlib.sha256).digest())
+        assert_eq!(
+            secret_hash("client-secret-123", "alice@example.com", "1example23456789"),
+            "nAJ7KclaH3jOut0oytSx+0cN0BwVWPh2+xAk3bk1yvI="
+        );
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_unknown_is_other() {
+        for code in [
+            "TooManyRequestsException",
+            "LimitExceededException",
+            "NotAuthorizedException",
+            "InvalidSmsRoleTrustRelationshipException",
+        ] {
+            assert_eq!(ErrorCode::from_aws_code(code).as_str(), code);
+        }
+        assert_eq!(
+            ErrorCode::from_aws_code("com.amazonaws#UserNotFoundException"),
+            ErrorCode::UserNotFound
+        );
+        assert_eq!(
+            ErrorCode::from_aws_code("BrandNewException"),
+            ErrorCode::Other
+        );
+    }
+}

@@ -1,0 +1,556 @@
+//! Typed, validated configuration.
+//!
+//! Layers, later ones win: built-in defaults, the TOML file given with
+//! `--config`, then environment variables `RESET_WORKER_<SECTION>__<KEY>`
+//! (for example `RESET_WORKER_SQS__QUEUE_URL`). Unknown keys are errors in
+//! every layer, so a typo fails start-up instead of silently using a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Prefix of every environment variable that overrides a config key.
+pub const ENV_PREFIX: &str = "RESET_WORKER_";
+
+/// Environment variables that share the prefix but are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["config", "log_format"];
+
+/// SQS allows at most 12 hours of visibility for a received message.
+pub const MAX_VISIBILITY_SECONDS: u64 = 12 * 60 * 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("cannot read `cognito.client_secret_file` {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub sqs: SqsSettings,
+    pub cognito: CognitoSettings,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub shutdown: ShutdownSettings,
+    #[serde(default)]
+    pub logging: LoggingSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSettings {
+    /// URL of the queue that holds one reset job per message. Required.
+    /// A URL ending in `.fifo` is treated as a FIFO queue.
+    pub queue_url: String,
+    /// Where rejected messages (bad body, Cognito refused the parameters) are
+    /// copied, with attributes that say why, before they are deleted. When
+    /// unset, rejected messages are left alone and reach the queue's own
+    /// redrive dead-letter queue after `maxReceiveCount` receives.
+    #[serde(default)]
+    pub dead_letter_queue_url: Option<String>,
+    /// Long-poll wait per ReceiveMessage call, 0–20. 0 turns long polling off
+    /// (more, emptier requests); 20 is the cheapest.
+    #[serde(default = "defaults::wait_time_seconds")]
+    pub wait_time_seconds: u64,
+    /// Visibility timeout requested for received messages, 1–43200. A running
+    /// job's visibility is extended by a heartbeat at half this interval, so
+    /// it only bounds how long a crashed worker's messages stay hidden. It must
+    /// exceed `cognito.request_timeout_seconds`.
+    #[serde(default = "defaults::visibility_timeout_seconds")]
+    pub visibility_timeout_seconds: u64,
+    /// How long a finished message may wait for nine others before its
+    /// DeleteMessageBatch is sent, 1–5000 ms. Short keeps the window in which
+    /// a crash causes a redelivery (a second email) small.
+    #[serde(default = "defaults::delete_flush_interval_ms")]
+    pub delete_flush_interval_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CognitoSettings {
+    /// App client ID passed as `ClientId`. Required.
+    pub client_id: String,
+    /// App client secret. When set (here or through `client_secret_file`),
+    /// every call carries `SecretHash`. Never logged.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// File holding the app client secret (e.g. a mounted Kubernetes Secret);
+    /// trailing whitespace is ignored. Mutually exclusive with `client_secret`.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Campaign-wide `ClientMetadata` sent with every call; a job's own
+    /// `client_metadata` wins on a key clash. At most 50 entries.
+    #[serde(default)]
+    pub client_metadata: BTreeMap<String, String>,
+    /// Time limit for one ForgotPassword call, 1–300 s. A call that takes
+    /// longer counts as a retryable error, so a hung call never holds a slot.
+    #[serde(default = "defaults::request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+}
+
+impl std::fmt::Debug for CognitoSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CognitoSettings")
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("client_metadata", &self.client_metadata)
+            .field("request_timeout_seconds", &self.request_timeout_seconds)
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Jobs processed at once (semaphore permits), 1–1024. Concurrency does
+    /// not limit the request rate; `max_rps` does.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Hard cap on ForgotPassword calls per second from this process,
+    /// 1–10000. The account-wide UserAccountRecovery quota is 30/s and is
+    /// shared with real users, so the default of 10 leaves two thirds for
+    /// them. Divide the campaign's share by the number of replicas.
+    #[serde(default = "defaults::max_rps")]
+    pub max_rps: u32,
+    /// Calls that may start back to back after an idle spell, 1–`max_rps`.
+    /// Any one-second window holds at most `max_rps + burst` calls.
+    #[serde(default = "defaults::burst")]
+    pub burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// First in-process backoff ceiling, 1–60000 ms. Each retry doubles the
+    /// ceiling and sleeps a uniformly random time below it (full jitter).
+    #[serde(default = "defaults::initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// Largest backoff ceiling, `initial_delay_ms`–600000 ms.
+    #[serde(default = "defaults::max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Calls per job for throttling, 5xx, timeouts and connection errors,
+    /// 1–20. After the last one the job is deferred: its message becomes
+    /// visible again after the next backoff delay.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Calls per job when Cognito cannot deliver the code or a Lambda trigger
+    /// misbehaves, 1–20; after the last one the job is rejected.
+    #[serde(default = "defaults::delivery_failure_max_attempts")]
+    pub delivery_failure_max_attempts: u32,
+    /// How long a job that hit the per-user code limit (LimitExceeded) stays
+    /// invisible before it is tried again, 1–43200 s (SQS maximum, 12 h).
+    #[serde(default = "defaults::limit_exceeded_delay_seconds")]
+    pub limit_exceeded_delay_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, how long in-flight calls may run before the worker
+    /// gives up on them, 1–3600 s. Keep Kubernetes'
+    /// `terminationGracePeriodSeconds` above this plus a few seconds for the
+    /// final delete flush.
+    #[serde(default = "defaults::grace_seconds")]
+    pub grace_seconds: u64,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSettings {
+    /// Key for the keyed hash (HMAC-SHA256) that stands for a username in
+    /// logs. Set it to correlate log lines across restarts and replicas; when
+    /// unset, a random key is drawn at start-up. Never logged.
+    #[serde(default)]
+    pub username_hash_key: Option<SecretString>,
+}
+
+impl std::fmt::Debug for LoggingSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggingSettings")
+            .field(
+                "username_hash_key",
+                &self.username_hash_key.as_ref().map(|_| "[redacted]"),
+            )
+            .finish()
+    }
+}
+
+mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    pub const fn wait_time_seconds() -> u64 {
+        20
+    }
+    pub const fn visibility_timeout_seconds() -> u64 {
+        60
+    }
+    pub const fn delete_flush_interval_ms() -> u64 {
+        100
+    }
+    pub const fn request_timeout_seconds() -> u64 {
+        10
+    }
+    pub const fn concurrency() -> usize {
+        8
+    }
+    pub const fn max_rps() -> u32 {
+        10
+    }
+    pub const fn burst() -> u32 {
+        2
+    }
+    pub const fn initial_delay_ms() -> u64 {
+        200
+    }
+    pub const fn max_delay_ms() -> u64 {
+        20_000
+    }
+    pub const fn max_attempts() -> u32 {
+        5
+    }
+    pub const fn delivery_failure_max_attempts() -> u32 {
+        3
+    }
+    pub const fn limit_exceeded_delay_seconds() -> u64 {
+        3600
+    }
+    pub const fn listen() -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464)
+    }
+    pub const fn grace_seconds() -> u64 {
+        25
+    }
+}
+
+macro_rules! impl_default_from_serde {
+    ($($ty:ty),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                // Every field has a serde default, so an empty table is valid.
+                figment::Figment::new()
+                    .extract::<$ty>()
+                    .unwrap_or_else(|e| unreachable!("defaults of {} must be valid: {e}", stringify!($ty)))
+            }
+        }
+    )*};
+}
+impl_default_from_serde!(
+    LimitSettings,
+    RetrySettings,
+    MetricsSettings,
+    ShutdownSettings
+);
+
+impl Settings {
+    /// Loads the layers, then validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            // `Toml::file` silently skips a missing file; a path the operator
+            // named must exist.
+            if !path.is_file() {
+                return Err(invalid(
+                    "--config",
+                    format!("names {} which is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS));
+        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.resolve_secret_file()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn resolve_secret_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.cognito.client_secret_file.clone() else {
+            return Ok(());
+        };
+        if self.cognito.client_secret.is_some() {
+            return Err(invalid(
+                "cognito.client_secret_file",
+                "cannot be used together with `cognito.client_secret`",
+            ));
+        }
+        let raw = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::SecretFile { path, source })?;
+        self.cognito.client_secret = Some(SecretString::from(raw.trim_end().to_owned()));
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url("sqs.queue_url", &self.sqs.queue_url)?;
+        if let Some(dlq) = &self.sqs.dead_letter_queue_url {
+            check_url("sqs.dead_letter_queue_url", dlq)?;
+            if dlq == &self.sqs.queue_url {
+                return Err(invalid(
+                    "sqs.dead_letter_queue_url",
+                    "must differ from `sqs.queue_url`",
+                ));
+            }
+            if dlq.ends_with(".fifo") != self.sqs.queue_url.ends_with(".fifo") {
+                return Err(invalid(
+                    "sqs.dead_letter_queue_url",
+                    "must be a FIFO queue exactly when `sqs.queue_url` is one",
+                ));
+            }
+        }
+        in_range("sqs.wait_time_seconds", self.sqs.wait_time_seconds, 0, 20)?;
+        in_range(
+            "sqs.visibility_timeout_seconds",
+            self.sqs.visibility_timeout_seconds,
+            1,
+            MAX_VISIBILITY_SECONDS,
+        )?;
+        in_range(
+            "sqs.delete_flush_interval_ms",
+            self.sqs.delete_flush_interval_ms,
+            1,
+            5000,
+        )?;
+
+        let c = &self.cognito;
+        if c.client_id.trim().is_empty() {
+            return Err(invalid("cognito.client_id", "must not be empty"));
+        }
+        if c.client_secret
+            .as_ref()
+            .is_some_and(|s| s.expose_secret().is_empty())
+        {
+            return Err(invalid(
+                "cognito.client_secret",
+                "must not be empty when set",
+            ));
+        }
+        if c.client_metadata.len() > 50 {
+            return Err(invalid(
+                "cognito.client_metadata",
+                "has more than 50 entries",
+            ));
+        }
+        in_range(
+            "cognito.request_timeout_seconds",
+            c.request_timeout_seconds,
+            1,
+            300,
+        )?;
+        if self.sqs.visibility_timeout_seconds <= c.request_timeout_seconds {
+            return Err(invalid(
+                "sqs.visibility_timeout_seconds",
+                "must be greater than `cognito.request_timeout_seconds`, or a message \
+                 could reappear while its call is still running",
+            ));
+        }
+
+        let l = &self.limits;
+        in_range("limits.concurrency", l.concurrency as u64, 1, 1024)?;
+        in_range("limits.max_rps", u64::from(l.max_rps), 1, 10_000)?;
+        in_range("limits.burst", u64::from(l.burst), 1, u64::from(l.max_rps))?;
+
+        let r = &self.retry;
+        in_range("retry.initial_delay_ms", r.initial_delay_ms, 1, 60_000)?;
+        in_range(
+            "retry.max_delay_ms",
+            r.max_delay_ms,
+            r.initial_delay_ms,
+            600_000,
+        )?;
+        in_range("retry.max_attempts", u64::from(r.max_attempts), 1, 20)?;
+        in_range(
+            "retry.delivery_failure_max_attempts",
+            u64::from(r.delivery_failure_max_attempts),
+            1,
+            20,
+        )?;
+        in_range(
+            "retry.limit_exceeded_delay_seconds",
+            r.limit_exceeded_delay_seconds,
+            1,
+            MAX_VISIBILITY_SECONDS,
+        )?;
+        in_range(
+            "shutdown.grace_seconds",
+            self.shutdown.grace_seconds,
+            1,
+            3600,
+        )?;
+        Ok(())
+    }
+
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_secs(self.sqs.visibility_timeout_seconds)
+    }
+}
+
+fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(invalid(key, "must be an http(s) queue URL"))
+    }
+}
+
+fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("is {value}; it must be between {min} and {max}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const REQUIRED: &str = r#"
+        [sqs]
+        queue_url = "http://127.0.0.1:5000/123456789012/jobs"
+        [cognito]
+        client_id = "client-1"
+    "#;
+
+    fn load_err(jail: &mut Jail, toml: &str) -> String {
+        jail.create_file("c.toml", toml).unwrap();
+        Settings::load(Some(Path::new("c.toml")))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_file_plus_env_is_valid_and_env_wins() {
+        Jail::expect_with(|jail| {
+            jail.set_env("RESET_WORKER_SQS__QUEUE_URL", "https://sqs.example/1/q");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_ID", "abc");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "s3cr3t-value");
+            jail.set_env("RESET_WORKER_LIMITS__CONCURRENCY", "3");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_METADATA__REASON", "breach");
+            jail.set_env("RESET_WORKER_CONFIG", "ignored: not a key");
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/reset-worker.toml");
+            let s = Settings::load(Some(&path)).unwrap();
+            assert_eq!(s.sqs.queue_url, "https://sqs.example/1/q");
+            assert_eq!(s.limits.concurrency, 3);
+            assert_eq!(s.limits.max_rps, 10);
+            assert_eq!(s.cognito.client_metadata["reason"], "breach");
+            let debug = format!("{s:?}");
+            assert!(!debug.contains("s3cr3t-value"), "{debug}");
+            assert!(debug.contains("[redacted]"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        Jail::expect_with(|jail| {
+            let err = load_err(jail, &format!("{REQUIRED}\n[limits]\nconcurency = 3\n"));
+            assert!(err.contains("concurency"), "{err}");
+            jail.set_env("RESET_WORKER_SQS__QUEUE_URLL", "x");
+            let err = load_err(jail, REQUIRED);
+            assert!(err.contains("queue_urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_and_out_of_range_values_are_named() {
+        Jail::expect_with(|jail| {
+            let err = load_err(jail, "[sqs]\nqueue_url = \"http://x/q\"\n");
+            assert!(err.contains("cognito"), "{err}");
+            let cases = [
+                ("[limits]\nconcurrency = 0", "limits.concurrency"),
+                ("[limits]\nmax_rps = 0", "limits.max_rps"),
+                ("[limits]\nburst = 50", "limits.burst"),
+                ("[retry]\nlimit_exceeded_delay_seconds = 50000", "retry.limit_exceeded_delay_seconds"),
+                ("[retry]\ninitial_delay_ms = 500\nmax_delay_ms = 100", "retry.max_delay_ms"),
+                ("[sqs_extra]\nx = 1", "sqs_extra"),
+            ];
+            for (extra, key) in cases {
+                let err = load_err(jail, &format!("{REQUIRED}\n{extra}\n"));
+                assert!(err.contains(key), "{extra}: {err}");
+            }
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"http://x/q\"\nwait_time_seconds = 21\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("sqs.wait_time_seconds"), "{err}");
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"q\"\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("sqs.queue_url"), "{err}");
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"http://x/q\"\nvisibility_timeout_seconds = 5\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("visibility_timeout_seconds"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_from_file_and_not_both() {
+        Jail::expect_with(|jail| {
+            jail.create_file("secret", "from-file\n")?;
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET_FILE", "secret");
+            jail.create_file("c.toml", REQUIRED)?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(
+                s.cognito.client_secret.as_ref().unwrap().expose_secret(),
+                "from-file"
+            );
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "inline");
+            let err = load_err(jail, REQUIRED);
+            assert!(err.contains("client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/reset-worker.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--config"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! Logs and metrics: subscriber set-up, the Prometheus recorder, and one
+//! function per event so that every metric is named and labelled in one place.
+//!
+//! No label ever holds a username or a message ID; labels come from small
+//! fixed sets (outcome, error code, operation, delivery medium).
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::cognito::ErrorCode;
+
+pub const JOBS_TOTAL: &str = "reset_worker_jobs_total";
+pub const COGNITO_REQUESTS_TOTAL: &str = "reset_worker_cognito_requests_total";
+pub const COGNITO_DURATION: &str = "reset_worker_cognito_request_duration_seconds";
+pub const THROTTLED_TOTAL: &str = "reset_worker_throttled_total";
+pub const CODE_DELIVERIES_TOTAL: &str = "reset_worker_code_deliveries_total";
+pub const IN_FLIGHT: &str = "reset_worker_in_flight_jobs";
+pub const SQS_REQUESTS_TOTAL: &str = "reset_worker_sqs_requests_total";
+pub const DELETE_FAILURES_TOTAL: &str = "reset_worker_delete_failures_total";
+pub const JOB_AGE: &str = "reset_worker_job_age_seconds";
+pub const RATE_LIMIT: &str = "reset_worker_rate_limit_per_second";
+pub const READY: &str = "reset_worker_ready";
+pub const BUILD_INFO: &str = "reset_worker_build_info";
+
+/// The process-wide Prometheus recorder. `metrics` allows one global
+/// recorder, so this is installed once and shared by every caller.
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once) and describes every metric.
+pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    if let Some(handle) = RECORDER.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(COGNITO_DURATION.into()),
+            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(JOB_AGE.into()),
+            &[
+                1.0,
+                10.0,
+                60.0,
+                300.0,
+                900.0,
+                3600.0,
+                4.0 * 3600.0,
+                12.0 * 3600.0,
+                86400.0,
+                4.0 * 86400.0,
+                14.0 * 86400.0,
+            ],
+        )?
+        .install_recorder()?;
+    let handle = RECORDER.get_or_init(|| handle).clone();
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        JOBS_TOTAL,
+        "Jobs by final outcome of this delivery: sent, skipped, rejected, deferred, released."
+    );
+    describe_counter!(
+        COGNITO_REQUESTS_TOTAL,
+        "ForgotPassword calls by result (ok, throttled, error) and error code."
+    );
+    describe_histogram!(
+        COGNITO_DURATION,
+        metrics::Unit::Seconds,
+        "Latency of ForgotPassword calls."
+    );
+    describe_counter!(
+        THROTTLED_TOTAL,
+        "ForgotPassword calls answered with TooManyRequestsException."
+    );
+    describe_counter!(
+        CODE_DELIVERIES_TOTAL,
+        "Codes sent, by delivery medium reported by Cognito."
+    );
+    describe_gauge!(IN_FLIGHT, "Jobs holding a concurrency permit.");
+    describe_counter!(SQS_REQUESTS_TOTAL, "SQS API calls by operation and result.");
+    describe_counter!(
+        DELETE_FAILURES_TOTAL,
+        "Messages whose delete finally failed; SQS will redeliver them."
+    );
+    describe_histogram!(
+        JOB_AGE,
+        metrics::Unit::Seconds,
+        "Time from the message's SentTimestamp to its outcome."
+    );
+    describe_gauge!(
+        RATE_LIMIT,
+        "Effective cap on ForgotPassword calls per second."
+    );
+    describe_gauge!(READY, "1 when polling works and the worker is not halted.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels carry the build's version."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Pre-register the outcome series so dashboards see zeros, not gaps.
+    for outcome in ["sent", "skipped", "rejected", "deferred", "released"] {
+        counter!(JOBS_TOTAL, "outcome" => outcome).increment(0);
+    }
+}
+
+/// JSON lines on stdout, or human-readable text when stdout is a terminal
+/// (override with `RESET_WORKER_LOG_FORMAT=json|text`). `RUST_LOG` filters.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match std::env::var("RESET_WORKER_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    // A second init (tests) is harmless; keep the first subscriber.
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn cognito_request(result: Result<(), ErrorCode>, elapsed: Duration) {
+    histogram!(COGNITO_DURATION).record(elapsed.as_secs_f64());
+    let (result, code) = match result {
+        Ok(()) => ("ok", "none"),
+        Err(ErrorCode::TooManyRequests) => {
+            counter!(THROTTLED_TOTAL).increment(1);
+            ("throttled", ErrorCode::TooManyRequests.as_str())
+        }
+        Err(code) => ("error", code.as_str()),
+    };
+    counter!(COGNITO_REQUESTS_TOTAL, "result" => result, "code" => code).increment(1);
+}
+
+pub fn code_delivered(medium: &'static str) {
+    counter!(CODE_DELIVERIES_TOTAL, "medium" => medium).increment(1);
+}
+
+pub fn sqs_request(operation: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(SQS_REQUESTS_TOTAL, "operation" => operation, "result" => result).increment(1);
+}
+
+pub fn delete_failed(count: usize) {
+    counter!(DELETE_FAILURES_TOTAL).increment(count as u64);
+}
+
+pub fn job_outcome(outcome: &'static str, age: Option<Duration>) {
+    counter!(JOBS_TOTAL, "outcome" => outcome).increment(1);
+    if let Some(age) = age {
+        histogram!(JOB_AGE).record(age.as_secs_f64());
+    }
+}
+
+pub fn in_flight(delta: f64) {
+    gauge!(IN_FLIGHT).increment(delta);
+}
+
+pub fn rate_limit(per_second: u32) {
+    gauge!(RATE_LIMIT).set(f64::from(per_second));
+}
+
+pub fn ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}

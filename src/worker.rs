@@ -1,0 +1,505 @@
+//! The worker loop: take permits, receive at most that many messages, run one
+//! task per message, and account for every message exactly once.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cognito::{CallError, Cognito, ErrorCode};
+use crate::config::{RetrySettings, Settings};
+use crate::health::Health;
+use crate::job::{ResetJob, UserHasher};
+use crate::outcome::{Outcome, Report, Summary, Tally};
+use crate::policy::{Backoff, Class, classify, full_jitter};
+use crate::queue::{Deleter, MAX_BATCH, Queue, QueueError, ReceivedMessage};
+use crate::rate::RateLimiter;
+use crate::telemetry;
+
+/// Time left for the final delete flush after the in-flight grace period.
+const DELETE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The campaign is misconfigured; nothing was deleted because of it.
+    #[error(
+        "campaign halted: Cognito answered {code}{} — check the app client ID, client secret, \
+         user pool and its email/SMS roles; no message was deleted because of this error",
+        message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+    )]
+    Fatal {
+        code: &'static str,
+        message: Option<String>,
+    },
+    #[error("start-up check failed: {0}")]
+    Startup(#[from] QueueError),
+}
+
+/// How the run ends besides a signal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Exit once this many receives in a row came back empty while no job
+    /// was in flight (Kubernetes Job mode). `None`: run until a signal.
+    pub until_empty_polls: Option<u32>,
+}
+
+/// Settings the job tasks read, copied out of [`Settings`] once.
+struct JobSettings {
+    visibility: Duration,
+    retry: RetrySettings,
+}
+
+/// State shared by the loop and every job task.
+struct Shared {
+    queue: Arc<Queue>,
+    deleter: Deleter,
+    cognito: Cognito,
+    /// Process-wide cap on Cognito calls; every attempt waits here first.
+    limiter: RateLimiter,
+    hasher: UserHasher,
+    health: Arc<Health>,
+    tally: Tally,
+    settings: JobSettings,
+    /// Cancelled on shutdown or halt. Job tasks that are waiting (for the
+    /// rate limiter or a backoff sleep) release their message when it fires;
+    /// a call already sent to Cognito is always let finish.
+    stop: CancellationToken,
+    /// The first fatal error. Set once; later fatal errors only release
+    /// their message, so the operator sees one clear cause.
+    fatal: OnceLock<(ErrorCode, Option<String>)>,
+}
+
+impl Shared {
+    fn halt(&self, err: &CallError) {
+        if self
+            .fatal
+            .set((err.code, err.server_message.clone()))
+            .is_ok()
+        {
+            self.health.halt();
+            self.stop.cancel();
+        }
+    }
+
+    fn release_reason(&self) -> &'static str {
+        if self.fatal.get().is_some() {
+            "halted"
+        } else {
+            "shutdown"
+        }
+    }
+}
+
+/// A configured worker, ready to [`run`](Worker::run).
+pub struct Worker {
+    queue: Arc<Queue>,
+    cognito: Cognito,
+    limiter: RateLimiter,
+    hasher: UserHasher,
+    health: Arc<Health>,
+    concurrency: usize,
+    wait: Duration,
+    flush_interval: Duration,
+    grace: Duration,
+    job: JobSettings,
+}
+
+impl Worker {
+    pub fn new(
+        settings: &Settings,
+        sqs: aws_sdk_sqs::Client,
+        cognito: aws_sdk_cognitoidentityprovider::Client,
+        health: Arc<Health>,
+    ) -> Self {
+        let queue = Arc::new(Queue::new(
+            sqs,
+            settings.sqs.queue_url.clone(),
+            settings.sqs.dead_letter_queue_url.clone(),
+        ));
+        Self {
+            queue,
+            cognito: Cognito::new(cognito, &settings.cognito),
+            limiter: RateLimiter::new(&settings.limits),
+            hasher: UserHasher::new(settings.logging.username_hash_key.clone()),
+            health,
+            concurrency: settings.limits.concurrency,
+            wait: Duration::from_secs(settings.sqs.wait_time_seconds),
+            flush_interval: Duration::from_millis(settings.sqs.delete_flush_interval_ms),
+            grace: Duration::from_secs(settings.shutdown.grace_seconds),
+            job: JobSettings {
+                visibility: settings.visibility_timeout(),
+                retry: RetrySettings {
+                    initial_delay_ms: settings.retry.initial_delay_ms,
+                    max_delay_ms: settings.retry.max_delay_ms,
+                    max_attempts: settings.retry.max_attempts,
+                    delivery_failure_max_attempts: settings.retry.delivery_failure_max_attempts,
+                    limit_exceeded_delay_seconds: settings.retry.limit_exceeded_delay_seconds,
+                },
+            },
+        }
+    }
+
+    /// Checks that the queues are reachable, so a wrong URL or missing
+    /// permission fails start-up with a clear message.
+    pub async fn preflight(&self) -> Result<(), WorkerError> {
+        let attrs = self.queue.attributes(self.queue.url()).await?;
+        if let Some(dlq) = self.queue.dead_letter_url() {
+            self.queue.attributes(dlq).await?;
+        } else if !attrs.contains_key("RedrivePolicy") {
+            tracing::warn!(
+                "no `sqs.dead_letter_queue_url` and the queue has no redrive policy: \
+                 rejected messages will be received again and again"
+            );
+        }
+        self.health.set_polling(true);
+        Ok(())
+    }
+
+    /// Runs until `shutdown` fires, a fatal error halts the campaign, or
+    /// (with `until_empty_polls`) the queue is drained.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        options: RunOptions,
+    ) -> Result<Summary, WorkerError> {
+        self.preflight().await?;
+        let (deleter, deleter_task, deleter_close) =
+            Deleter::spawn(self.queue.clone(), self.flush_interval);
+        let shared = Arc::new(Shared {
+            queue: self.queue.clone(),
+            deleter,
+            cognito: self.cognito,
+            limiter: self.limiter,
+            hasher: self.hasher,
+            health: self.health.clone(),
+            tally: Tally::default(),
+            settings: self.job,
+            stop: shutdown.child_token(),
+            fatal: OnceLock::new(),
+        });
+        // Concurrency permits. The loop takes permits *before* receiving and
+        // asks SQS for no more messages than it holds, so a received message
+        // never waits for a slot while its visibility runs out.
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        // Tracks job tasks so shutdown can wait for them.
+        let tasks = TaskTracker::new();
+        let mut receive_backoff = new_receive_backoff();
+        let mut empty_polls = 0u32;
+
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut held: Vec<OwnedSemaphorePermit> = vec![first];
+            while held.len() < MAX_BATCH {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            // Cancelling a long poll can, rarely, drop a response that SQS
+            // already sent; those messages reappear after their visibility
+            // timeout. Waiting up to 20 s instead would eat the grace period.
+            let received = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => break,
+                r = self.queue.receive(held.len(), self.wait, shared.settings.visibility) => r,
+            };
+            let messages = match received {
+                Ok(m) => {
+                    shared.health.set_polling(true);
+                    receive_backoff = new_receive_backoff();
+                    m
+                }
+                Err(err) => {
+                    shared.health.set_polling(false);
+                    drop(held);
+                    let delay = full_jitter(receive_backoff.next_ceiling());
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "receive failed; backing off");
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            if messages.is_empty() {
+                if let Some(limit) = options.until_empty_polls
+                    && tasks.is_empty()
+                {
+                    empty_polls += 1;
+                    if empty_polls >= limit {
+                        tracing::info!(empty_polls, "queue drained");
+                        break;
+                    }
+                }
+                continue;
+            }
+            empty_polls = 0;
+            // Extra permits (fewer messages than asked for) drop here.
+            for (msg, permit) in messages.into_iter().zip(held) {
+                tasks.spawn(job_task(shared.clone(), msg, permit));
+            }
+        }
+
+        // Stop accepting: readiness off, waiting tasks release their messages.
+        shared.health.halt();
+        shared.stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(self.grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                still_running = tasks.len(),
+                "grace period over with calls still running; their messages reappear after the visibility timeout"
+            );
+        }
+        deleter_close.cancel();
+        if tokio::time::timeout(DELETE_FLUSH_TIMEOUT, deleter_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("final delete flush timed out; those messages will be redelivered");
+        }
+
+        let summary = shared.tally.snapshot();
+        tracing::info!(
+            sent = summary.sent,
+            skipped = summary.skipped,
+            rejected = summary.rejected,
+            deferred = summary.deferred,
+            released = summary.released,
+            "worker stopped"
+        );
+        match shared.fatal.get() {
+            Some((code, message)) => Err(WorkerError::Fatal {
+                code: code.as_str(),
+                message: message.clone(),
+            }),
+            None => Ok(summary),
+        }
+    }
+}
+
+/// Backoff for a failing ReceiveMessage: 1 s doubling to 30 s, full jitter.
+fn new_receive_backoff() -> Backoff {
+    Backoff::new(&RetrySettings {
+        initial_delay_ms: 1_000,
+        max_delay_ms: 30_000,
+        max_attempts: u32::MAX,
+        delivery_failure_max_attempts: 1,
+        limit_exceeded_delay_seconds: 1,
+    })
+}
+
+/// A job's decision plus what its log line needs.
+struct Decided {
+    outcome: Outcome,
+    campaign_id: Option<String>,
+    user: Option<String>,
+    attempts: u32,
+    last_error: Option<ErrorCode>,
+}
+
+impl Decided {
+    fn early(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            campaign_id: None,
+            user: None,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// Decrements the in-flight gauge however the task ends.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        telemetry::in_flight(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        telemetry::in_flight(-1.0);
+    }
+}
+
+async fn job_task(shared: Arc<Shared>, msg: ReceivedMessage, _permit: OwnedSemaphorePermit) {
+    let _in_flight = InFlight::enter();
+    let decided = tokio::select! {
+        d = decide(&shared, &msg) => d,
+        never = heartbeat(&shared, &msg) => match never {},
+    };
+    let outcome = apply(&shared, &msg, decided.outcome).await;
+    shared.tally.record(&Report {
+        outcome: &outcome,
+        message_id: &msg.message_id,
+        campaign_id: decided.campaign_id.as_deref(),
+        user: decided.user.as_deref(),
+        attempts: decided.attempts,
+        receive_count: msg.receive_count,
+        last_error: decided.last_error,
+        age: msg.age(),
+    });
+}
+
+/// Keeps a running job's message invisible: at half the visibility timeout,
+/// extends it by a full one. Ends only when the job's future wins the select.
+async fn heartbeat(shared: &Shared, msg: &ReceivedMessage) -> std::convert::Infallible {
+    let vt = shared.settings.visibility;
+    loop {
+        tokio::time::sleep(vt / 2).await;
+        if let Err(err) = shared
+            .queue
+            .change_visibility(&msg.receipt_handle, vt)
+            .await
+        {
+            tracing::warn!(message_id = %msg.message_id, error = %err, "visibility heartbeat failed");
+        }
+    }
+}
+
+/// Runs the job's calls and decides its outcome. Touches no SQS state.
+async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
+    let job = match ResetJob::parse(&msg.body) {
+        Ok(job) => job,
+        Err(err) => {
+            return Decided::early(Outcome::Rejected {
+                reason: err.reason(),
+                detail: err.to_string(),
+            });
+        }
+    };
+    let retry = &shared.settings.retry;
+    let mut decided = Decided {
+        outcome: Outcome::Released { reason: "shutdown" },
+        campaign_id: job.campaign_id.clone(),
+        user: Some(shared.hasher.user_ref(&job.username)),
+        attempts: 0,
+        last_error: None,
+    };
+    let mut backoff = Backoff::new(retry);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => {
+                decided.outcome = Outcome::Released { reason: shared.release_reason() };
+                return decided;
+            }
+            _ = shared.limiter.acquire() => {}
+        }
+        decided.attempts += 1;
+        // Not cancellable: once sent, the call's result must be applied, or
+        // a sent email could be followed by a redelivery and a second one.
+        let err = match shared.cognito.forgot_password(&job).await {
+            Ok(delivery) => {
+                decided.outcome = Outcome::Sent {
+                    medium: delivery.medium,
+                };
+                return decided;
+            }
+            Err(err) => err,
+        };
+        decided.last_error = Some(err.code);
+        let give_up = match classify(err.code) {
+            Class::Retryable => {
+                (decided.attempts >= retry.max_attempts).then(|| Outcome::Deferred {
+                    reason: "retries_exhausted",
+                    delay: backoff.next_delay().max(Duration::from_secs(1)),
+                })
+            }
+            Class::RetryThenReject => (decided.attempts >= retry.delivery_failure_max_attempts)
+                .then(|| Outcome::Rejected {
+                    reason: err.code.as_str(),
+                    detail: err.server_message.clone().unwrap_or_default(),
+                }),
+            Class::UserLimited => Some(Outcome::Deferred {
+                reason: "user_limit_exceeded",
+                delay: Duration::from_secs(retry.limit_exceeded_delay_seconds),
+            }),
+            Class::UserNotFound => Some(Outcome::Skipped {
+                reason: "user_not_found",
+            }),
+            Class::Permanent => Some(Outcome::Rejected {
+                reason: err.code.as_str(),
+                detail: err.server_message.clone().unwrap_or_default(),
+            }),
+            Class::Fatal => {
+                shared.halt(&err);
+                Some(Outcome::Released { reason: "halted" })
+            }
+        };
+        if let Some(outcome) = give_up {
+            decided.outcome = outcome;
+            return decided;
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(
+            message_id = %msg.message_id,
+            error_code = err.code.as_str(),
+            attempt = decided.attempts,
+            retry_in_ms = delay.as_millis() as u64,
+            "retrying"
+        );
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => {
+                decided.outcome = Outcome::Released { reason: shared.release_reason() };
+                return decided;
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Carries the decision out on SQS. Returns the outcome that really
+/// happened: a rejection whose dead-letter copy failed is not deleted, and
+/// counts as deferred.
+async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outcome {
+    match &outcome {
+        Outcome::Sent { .. } | Outcome::Skipped { .. } => shared.deleter.delete(msg),
+        Outcome::Rejected { reason, detail } => {
+            let Some(dlq) = shared.queue.dead_letter_url() else {
+                // Left to the queue's redrive policy: it reappears after the
+                // visibility timeout and moves after maxReceiveCount.
+                return outcome;
+            };
+            match shared.queue.dead_letter(dlq, msg, reason, detail).await {
+                Ok(()) => shared.deleter.delete(msg),
+                Err(err) => {
+                    tracing::error!(message_id = %msg.message_id, error = %err, "dead-letter copy failed; message kept for redelivery");
+                    return Outcome::Deferred {
+                        reason: "dead_letter_failed",
+                        delay: shared.settings.visibility,
+                    };
+                }
+            }
+        }
+        Outcome::Deferred { delay, .. } => set_visibility(shared, msg, *delay).await,
+        Outcome::Released { .. } => set_visibility(shared, msg, Duration::ZERO).await,
+    }
+    outcome
+}
+
+async fn set_visibility(shared: &Shared, msg: &ReceivedMessage, visibility: Duration) {
+    if let Err(err) = shared
+        .queue
+        .change_visibility(&msg.receipt_handle, visibility)
+        .await
+    {
+        // The message still comes back, after the current visibility timeout.
+        tracing::warn!(message_id = %msg.message_id, error = %err, "could not change visibility");
+    }
+}
