@@ -440,6 +440,7 @@ fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), Con
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
     use figment::Jail;
@@ -461,6 +462,7 @@ mod tests {
     #[test]
     fn shipped_file_plus_env_is_valid_and_env_wins() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.set_env("RESET_WORKER_SQS__QUEUE_URL", "https://sqs.example/1/q");
             jail.set_env("RESET_WORKER_COGNITO__CLIENT_ID", "abc");
             jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "s3cr3t-value");
@@ -483,6 +485,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_named() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             let err = load_err(jail, &format!("{REQUIRED}\n[limits]\nconcurency = 3\n"));
             assert!(err.contains("concurency"), "{err}");
             jail.set_env("RESET_WORKER_SQS__QUEUE_URLL", "x");
@@ -495,14 +498,21 @@ mod tests {
     #[test]
     fn missing_and_out_of_range_values_are_named() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             let err = load_err(jail, "[sqs]\nqueue_url = \"http://x/q\"\n");
             assert!(err.contains("cognito"), "{err}");
             let cases = [
                 ("[limits]\nconcurrency = 0", "limits.concurrency"),
                 ("[limits]\nmax_rps = 0", "limits.max_rps"),
                 ("[limits]\nburst = 50", "limits.burst"),
-                ("[retry]\nlimit_exceeded_delay_seconds = 50000", "retry.limit_exceeded_delay_seconds"),
-                ("[retry]\ninitial_delay_ms = 500\nmax_delay_ms = 100", "retry.max_delay_ms"),
+                (
+                    "[retry]\nlimit_exceeded_delay_seconds = 50000",
+                    "retry.limit_exceeded_delay_seconds",
+                ),
+                (
+                    "[retry]\ninitial_delay_ms = 500\nmax_delay_ms = 100",
+                    "retry.max_delay_ms",
+                ),
                 ("[sqs_extra]\nx = 1", "sqs_extra"),
             ];
             for (extra, key) in cases {
@@ -531,6 +541,7 @@ mod tests {
     #[test]
     fn secret_from_file_and_not_both() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.create_file("secret", "from-file\n")?;
             jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET_FILE", "secret");
             jail.create_file("c.toml", REQUIRED)?;

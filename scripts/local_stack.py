@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Creates a local reset-worker stack on a moto server and enqueues a campaign.
+
+Creates a Cognito user pool (account recovery by verified email), an app client
+with a generated secret, one user per distinct username in the campaign file,
+an SQS dead-letter queue and a main queue redriving to it, then sends every line
+of the campaign file (JSONL, one job per line) to the main queue.
+
+Prints shell `export` lines on stdout (eval them); progress goes to stderr.
+Never point --endpoint at real AWS: the credentials are dummies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shlex
+import sys
+from pathlib import Path
+
+import boto3
+
+REGION = "us-east-1"
+DEFAULT_CAMPAIGN = Path(__file__).resolve().parent.parent / "config" / "sample-campaign.jsonl"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoint", required=True, help="moto server URL, e.g. http://127.0.0.1:5000")
+    p.add_argument("--campaign", type=Path, default=DEFAULT_CAMPAIGN, help="campaign JSONL file")
+    p.add_argument("--fifo", action="store_true", help="create FIFO queues instead of standard ones")
+    return p.parse_args()
+
+
+def read_campaign(path: Path) -> list[str]:
+    lines = []
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        job = json.loads(line)  # fail early on a malformed campaign file
+        if not isinstance(job, dict) or not job.get("username"):
+            raise SystemExit(f"{path}:{n}: every job needs a username")
+        lines.append(line)
+    return lines
+
+
+def main() -> int:
+    args = parse_args()
+    jobs = read_campaign(args.campaign)
+    suffix = secrets.token_hex(4)
+    session = boto3.session.Session(
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name=REGION,
+    )
+    cognito = session.client("cognito-idp", endpoint_url=args.endpoint)
+    sqs = session.client("sqs", endpoint_url=args.endpoint)
+
+    pool_id = cognito.create_user_pool(
+        PoolName=f"reset-worker-demo-{suffix}",
+        AutoVerifiedAttributes=["email"],
+        AccountRecoverySetting={"RecoveryMechanisms": [{"Priority": 1, "Name": "verified_email"}]},
+    )["UserPool"]["Id"]
+    app = cognito.create_user_pool_client(
+        UserPoolId=pool_id,
+        ClientName=f"reset-worker-{suffix}",
+        GenerateSecret=True,
+    )["UserPoolClient"]
+
+    usernames = list(dict.fromkeys(json.loads(line)["username"] for line in jobs))
+    for username in usernames:
+        email = username if "@" in username else f"{username}@example.com"
+        cognito.admin_create_user(
+            UserPoolId=pool_id,
+            Username=username,
+            UserAttributes=[
+                {"Name": "email", "Value": email},
+                {"Name": "email_verified", "Value": "true"},
+            ],
+            MessageAction="SUPPRESS",
+        )
+
+    ext = ".fifo" if args.fifo else ""
+    fifo_attrs = {"FifoQueue": "true", "ContentBasedDeduplication": "false"} if args.fifo else {}
+    dlq_url = sqs.create_queue(QueueName=f"reset-worker-dlq-{suffix}{ext}", Attributes=dict(fifo_attrs))["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.create_queue(
+        QueueName=f"reset-worker-jobs-{suffix}{ext}",
+        Attributes={
+            **fifo_attrs,
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )["QueueUrl"]
+
+    for start in range(0, len(jobs), 10):
+        entries = []
+        for i, body in enumerate(jobs[start : start + 10], start=start):
+            entry = {"Id": f"job{i}", "MessageBody": body}
+            if args.fifo:
+                entry["MessageGroupId"] = f"g{i % 3}"
+                entry["MessageDeduplicationId"] = f"{suffix}-{i}"
+            entries.append(entry)
+        resp = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        if resp.get("Failed"):
+            raise SystemExit(f"SendMessageBatch failed: {resp['Failed']}")
+
+    print(
+        f"local stack: pool {pool_id}, {len(usernames)} users, {len(jobs)} jobs on {queue_url}",
+        file=sys.stderr,
+    )
+    exports = {
+        "RESET_WORKER_SQS__QUEUE_URL": queue_url,
+        "RESET_WORKER_SQS__DEAD_LETTER_QUEUE_URL": dlq_url,
+        "RESET_WORKER_COGNITO__CLIENT_ID": app["ClientId"],
+        "RESET_WORKER_COGNITO__CLIENT_SECRET": app["ClientSecret"],
+        "LOCAL_USER_POOL_ID": pool_id,
+        "LOCAL_JOB_COUNT": str(len(jobs)),
+    }
+    for name, value in exports.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

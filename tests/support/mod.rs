@@ -1,0 +1,811 @@
+//! Shared integration-test harness: a moto server (SQS + Cognito), throwaway
+//! stacks on it, the worker binary as a child process, and small HTTP/metrics helpers.
+//!
+//! Use it from a `tests/*.rs` file with `mod support;`.
+//!
+//! moto: `TEST_MOTO_URL` (set by scripts/test.sh) names a running server;
+//! without it, the first call to [`moto_url`] starts one for this test process
+//! (python from `TEST_MOTO_PYTHON`, else `.venv/bin/python`, else `python3`),
+//! which exits when the test process does. These variables deliberately avoid
+//! the `RESET_WORKER_` prefix: the config loader reads every `RESET_WORKER_*`
+//! variable and rejects unknown keys, so e.g. `RESET_WORKER_TEST_MOTO_URL` in
+//! the environment breaks the config unit tests. (That name is still honoured
+//! here as a fallback.)
+//!
+//! Never points at real AWS: every client and the worker get dummy credentials
+//! and an explicit loopback endpoint.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_cognitoidentityprovider as cognito;
+use aws_sdk_sqs as sqs;
+use base64::Engine as _;
+use hmac::Mac as _;
+
+pub const REGION: &str = "us-east-1";
+pub const FORGOT_PASSWORD_TARGET: &str = "AWSCognitoIdentityProviderService.ForgotPassword";
+
+// ---------------------------------------------------------------------------
+// moto
+// ---------------------------------------------------------------------------
+
+static MOTO_URL: OnceLock<String> = OnceLock::new();
+/// Keeps the write end of the self-started moto's stdin open for the life of the
+/// test process; moto's watchdog thread exits when it closes.
+static MOTO_KEEPALIVE: Mutex<Vec<(Child, ChildStdin)>> = Mutex::new(Vec::new());
+
+/// URL (`http://127.0.0.1:PORT`, no trailing slash) of the moto server for this
+/// test process, with request recording started.
+pub fn moto_url() -> String {
+    MOTO_URL
+        .get_or_init(|| {
+            let given = ["TEST_MOTO_URL", "RESET_WORKER_TEST_MOTO_URL"]
+                .iter()
+                .filter_map(|name| std::env::var(name).ok())
+                .map(|url| url.trim().trim_end_matches('/').to_string())
+                .find(|url| !url.is_empty());
+            let url = given.unwrap_or_else(start_own_moto);
+            // Recording is on already when moto runs with MOTO_ENABLE_RECORDING=True;
+            // starting it again is harmless.
+            let (status, body) = http_request(&url, "POST", "/moto-api/recorder/start-recording");
+            assert_eq!(
+                status, 200,
+                "could not start moto's recorder at {url}: {body}"
+            );
+            url
+        })
+        .clone()
+}
+
+fn python() -> PathBuf {
+    if let Some(py) = std::env::var_os("TEST_MOTO_PYTHON") {
+        return PathBuf::from(py);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Starts `moto.server` on a free port. A watchdog thread in the Python process
+/// removes moto's temp dir (log, recording) and exits as soon as its stdin
+/// reaches EOF, i.e. when this test process ends.
+fn start_own_moto() -> String {
+    const LAUNCHER: &str = "import os, shutil, sys, threading\n\
+        def watchdog():\n\
+        \x20   sys.stdin.read()\n\
+        \x20   shutil.rmtree(os.environ['TEST_MOTO_DIR'], ignore_errors=True)\n\
+        \x20   os._exit(0)\n\
+        threading.Thread(target=watchdog, daemon=True).start()\n\
+        from moto.server import main\n\
+        main(sys.argv[1:])\n";
+    let port = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("reset-worker-moto.")
+        .tempdir()
+        .expect("temp dir for moto")
+        .keep();
+    let log_path = dir.join("moto.log");
+    let log = File::create(&log_path).expect("moto log file");
+    let mut child = Command::new(python())
+        .args(["-c", LAUNCHER, "-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("TEST_MOTO_DIR", &dir)
+        .env("MOTO_ENABLE_RECORDING", "True")
+        .env("MOTO_RECORDER_FILEPATH", dir.join("recording.jsonl"))
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().expect("dup moto log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn python3 -m moto.server (is moto installed? run scripts/test.sh)");
+    let stdin = child.stdin.take().expect("moto stdin");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if http_get(&url, "/moto-api/data.json").0 == 200 {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("moto exited ({status}) before answering on {url}:\n{log}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("moto did not answer on {url} within 30 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    MOTO_KEEPALIVE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((child, stdin));
+    url
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+// ---------------------------------------------------------------------------
+// Minimal blocking HTTP/1.1 client
+// ---------------------------------------------------------------------------
+
+/// `GET path` on `addr` (`127.0.0.1:PORT` or `http://127.0.0.1:PORT`).
+/// Returns `(status, body)`; `(0, error text)` when the connection fails.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path)
+}
+
+/// Like [`http_get`] with any method and an empty body.
+pub fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
+    match try_http_request(addr, method, path) {
+        Ok(response) => response,
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn host_port(addr: &str) -> &str {
+    let rest = addr
+        .strip_prefix("http://")
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    rest.split('/').next().unwrap_or(rest)
+}
+
+fn try_http_request(addr: &str, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let host = host_port(addr);
+    let mut stream = TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| invalid("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| invalid("bad HTTP status line"))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body).ok_or_else(|| invalid("bad chunked body"))?;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_field = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_field.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AWS SDK clients (moto only)
+// ---------------------------------------------------------------------------
+
+async fn sdk_config(url: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(Region::new(REGION))
+        .credentials_provider(sqs::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await
+}
+
+/// SQS client for `url` (a moto server), region us-east-1, credentials test/test.
+pub async fn sqs_client(url: &str) -> sqs::Client {
+    let shared = sdk_config(url).await;
+    // Set on the service config too, so no inherited AWS_ENDPOINT_URL_SQS can win.
+    sqs::Client::from_conf(
+        sqs::config::Builder::from(&shared)
+            .endpoint_url(url)
+            .build(),
+    )
+}
+
+/// Cognito user-pools client for `url` (a moto server or a wiremock server).
+pub async fn cognito_client(url: &str) -> cognito::Client {
+    let shared = sdk_config(url).await;
+    cognito::Client::from_conf(
+        cognito::config::Builder::from(&shared)
+            .endpoint_url(url)
+            .build(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Stacks
+// ---------------------------------------------------------------------------
+
+/// A throwaway queue + dead-letter queue + user pool + app client (with secret) on moto.
+pub struct Stack {
+    pub moto: String,
+    pub fifo: bool,
+    pub queue_url: String,
+    pub dlq_url: String,
+    pub user_pool_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub sqs: sqs::Client,
+    pub cognito: cognito::Client,
+}
+
+fn random_suffix() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+impl Stack {
+    /// Creates the stack with random names. FIFO queues end in `.fifo`
+    /// (FifoQueue=true, ContentBasedDeduplication=false). The main queue has
+    /// VisibilityTimeout 30 and redrives to the DLQ after 5 receives. Each user is
+    /// created with AdminCreateUser (email = the username if it has an `@`, else
+    /// `USERNAME@example.com`, verified) and MessageAction=SUPPRESS.
+    pub async fn new(fifo: bool, users: &[&str]) -> Stack {
+        use cognito::types::{
+            AccountRecoverySettingType, AttributeType, MessageActionType, RecoveryOptionNameType,
+            RecoveryOptionType, VerifiedAttributeType,
+        };
+        use sqs::types::QueueAttributeName as Q;
+
+        let moto = moto_url();
+        let sqs = sqs_client(&moto).await;
+        let cognito = cognito_client(&moto).await;
+        let suffix = random_suffix();
+        let ext = if fifo { ".fifo" } else { "" };
+
+        let create_queue = |name: String, redrive: Option<String>| {
+            let mut req = sqs.create_queue().queue_name(name);
+            if fifo {
+                req = req
+                    .attributes(Q::FifoQueue, "true")
+                    .attributes(Q::ContentBasedDeduplication, "false");
+            }
+            if let Some(redrive) = redrive {
+                req = req
+                    .attributes(Q::VisibilityTimeout, "30")
+                    .attributes(Q::RedrivePolicy, redrive);
+            }
+            req.send()
+        };
+        let dlq_url = create_queue(format!("rw-test-dlq-{suffix}{ext}"), None)
+            .await
+            .expect("create DLQ")
+            .queue_url
+            .expect("DLQ url");
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(Q::QueueArn)
+            .send()
+            .await
+            .expect("DLQ attributes")
+            .attributes
+            .and_then(|mut a| a.remove(&Q::QueueArn))
+            .expect("DLQ arn");
+        let redrive = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"});
+        let queue_url = create_queue(
+            format!("rw-test-jobs-{suffix}{ext}"),
+            Some(redrive.to_string()),
+        )
+        .await
+        .expect("create queue")
+        .queue_url
+        .expect("queue url");
+
+        let recovery = AccountRecoverySettingType::builder()
+            .recovery_mechanisms(
+                RecoveryOptionType::builder()
+                    .priority(1)
+                    .name(RecoveryOptionNameType::VerifiedEmail)
+                    .build()
+                    .expect("recovery option"),
+            )
+            .build();
+        let user_pool_id = cognito
+            .create_user_pool()
+            .pool_name(format!("rw-test-{suffix}"))
+            .auto_verified_attributes(VerifiedAttributeType::Email)
+            .account_recovery_setting(recovery)
+            .send()
+            .await
+            .expect("create user pool")
+            .user_pool
+            .and_then(|p| p.id)
+            .expect("user pool id");
+        let app = cognito
+            .create_user_pool_client()
+            .user_pool_id(&user_pool_id)
+            .client_name(format!("rw-test-{suffix}"))
+            .generate_secret(true)
+            .send()
+            .await
+            .expect("create user pool client")
+            .user_pool_client
+            .expect("user pool client");
+        let client_id = app.client_id.expect("client id");
+        let client_secret = app.client_secret.expect("client secret");
+
+        for &user in users {
+            let email = if user.contains('@') {
+                user.to_string()
+            } else {
+                format!("{user}@example.com")
+            };
+            let attr = |name: &str, value: &str| {
+                AttributeType::builder()
+                    .name(name)
+                    .value(value)
+                    .build()
+                    .expect("attribute")
+            };
+            cognito
+                .admin_create_user()
+                .user_pool_id(&user_pool_id)
+                .username(user)
+                .user_attributes(attr("email", &email))
+                .user_attributes(attr("email_verified", "true"))
+                .message_action(MessageActionType::Suppress)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("AdminCreateUser {user}: {e:?}"));
+        }
+
+        Stack {
+            moto,
+            fifo,
+            queue_url,
+            dlq_url,
+            user_pool_id,
+            client_id,
+            client_secret,
+            sqs,
+            cognito,
+        }
+    }
+}
+
+/// The worker's env for `stack`: queue, DLQ, client id and client secret.
+pub fn stack_env(stack: &Stack) -> Vec<(String, String)> {
+    [
+        ("RESET_WORKER_SQS__QUEUE_URL", &stack.queue_url),
+        ("RESET_WORKER_SQS__DEAD_LETTER_QUEUE_URL", &stack.dlq_url),
+        ("RESET_WORKER_COGNITO__CLIENT_ID", &stack.client_id),
+        ("RESET_WORKER_COGNITO__CLIENT_SECRET", &stack.client_secret),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.clone()))
+    .collect()
+}
+
+/// Cognito's SECRET_HASH: Base64(HMAC-SHA256(key = client secret, username + client id)).
+pub fn secret_hash(username: &str, client_id: &str, client_secret: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(client_secret.as_bytes())
+        .expect("HMAC accepts any key length");
+    mac.update(username.as_bytes());
+    mac.update(client_id.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+// ---------------------------------------------------------------------------
+// SQS helpers
+// ---------------------------------------------------------------------------
+
+/// Sends `bodies` to the stack's main queue with SendMessageBatch, 10 per call.
+/// On FIFO queues message `i` gets MessageGroupId `g{i % 3}` and a deduplication
+/// id unique to this call and index.
+pub async fn send_jobs(stack: &Stack, bodies: &[String]) {
+    use sqs::types::SendMessageBatchRequestEntry;
+    let nonce = random_suffix();
+    for (chunk_no, chunk) in bodies.chunks(10).enumerate() {
+        let mut req = stack.sqs.send_message_batch().queue_url(&stack.queue_url);
+        for (j, body) in chunk.iter().enumerate() {
+            let i = chunk_no * 10 + j;
+            let mut entry = SendMessageBatchRequestEntry::builder()
+                .id(format!("m{i}"))
+                .message_body(body);
+            if stack.fifo {
+                entry = entry
+                    .message_group_id(format!("g{}", i % 3))
+                    .message_deduplication_id(format!("{nonce}-{i}"));
+            }
+            req = req.entries(entry.build().expect("batch entry"));
+        }
+        let out = req.send().await.expect("SendMessageBatch");
+        assert!(
+            out.failed.is_empty(),
+            "SendMessageBatch failed entries: {:?}",
+            out.failed
+        );
+    }
+}
+
+/// `(ApproximateNumberOfMessages, ApproximateNumberOfMessagesNotVisible)`.
+pub async fn queue_counts(client: &sqs::Client, url: &str) -> (u64, u64) {
+    use sqs::types::QueueAttributeName as Q;
+    let mut attrs = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(Q::ApproximateNumberOfMessages)
+        .attribute_names(Q::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .expect("GetQueueAttributes")
+        .attributes
+        .unwrap_or_default();
+    let mut count = |name: Q| {
+        attrs
+            .remove(&name)
+            .map(|v| v.parse::<u64>().expect("numeric queue attribute"))
+            .unwrap_or(0)
+    };
+    let visible = count(Q::ApproximateNumberOfMessages);
+    let not_visible = count(Q::ApproximateNumberOfMessagesNotVisible);
+    (visible, not_visible)
+}
+
+/// Receives every visible message of `url` (all message attributes and system
+/// attributes, visibility timeout 60 s) and deletes each one after receiving it,
+/// until two receives in a row (1 s long poll) come back empty. Deleting is what
+/// lets a FIFO queue hand out the next message of a group. Messages currently in
+/// flight elsewhere are not returned.
+pub async fn drain_all(client: &sqs::Client, url: &str) -> Vec<sqs::types::Message> {
+    use sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+    let mut all = Vec::new();
+    let mut empty_in_a_row = 0;
+    while empty_in_a_row < 2 {
+        let messages = client
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .expect("ReceiveMessage")
+            .messages
+            .unwrap_or_default();
+        if messages.is_empty() {
+            empty_in_a_row += 1;
+            continue;
+        }
+        empty_in_a_row = 0;
+        let mut delete = client.delete_message_batch().queue_url(url);
+        for (i, m) in messages.iter().enumerate() {
+            delete = delete.entries(
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(format!("d{i}"))
+                    .receipt_handle(m.receipt_handle.clone().expect("receipt handle"))
+                    .build()
+                    .expect("delete entry"),
+            );
+        }
+        let out = delete.send().await.expect("DeleteMessageBatch");
+        assert!(
+            out.failed.is_empty(),
+            "DeleteMessageBatch failed: {:?}",
+            out.failed
+        );
+        all.extend(messages);
+    }
+    all
+}
+
+// ---------------------------------------------------------------------------
+// moto's request recording
+// ---------------------------------------------------------------------------
+
+/// Every request moto recorded, in order (one JSON object per line of
+/// `GET /moto-api/recorder/download-recording`). Lines that do not parse (a line
+/// still being written) are skipped.
+pub fn recorded_requests(moto: &str) -> Vec<serde_json::Value> {
+    let (status, body) = http_get(moto, "/moto-api/recorder/download-recording");
+    assert_eq!(status, 200, "download moto recording: {body}");
+    body.lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Value of header `name` (case-insensitive) of a recorded request.
+pub fn recorded_header<'a>(entry: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    entry
+        .get("headers")?
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.as_str())
+}
+
+/// Request body of a recorded request: `body` is base64 when `body_encoded` is true.
+pub fn recorded_body(entry: &serde_json::Value) -> Vec<u8> {
+    let body = entry.get("body").and_then(|b| b.as_str()).unwrap_or("");
+    if entry.get("body_encoded").and_then(|b| b.as_bool()) == Some(true) {
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .expect("recorded body is base64")
+    } else {
+        body.as_bytes().to_vec()
+    }
+}
+
+/// Parsed JSON bodies of the ForgotPassword requests moto received for `client_id`,
+/// oldest first (`{"ClientId", "Username", "SecretHash", "ClientMetadata", ...}`).
+pub fn forgot_password_calls(moto: &str, client_id: &str) -> Vec<serde_json::Value> {
+    recorded_requests(moto)
+        .iter()
+        .filter(|e| recorded_header(e, "X-Amz-Target") == Some(FORGOT_PASSWORD_TARGET))
+        .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&recorded_body(e)).ok())
+        .filter(|b| b.get("ClientId").and_then(|c| c.as_str()) == Some(client_id))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The worker binary
+// ---------------------------------------------------------------------------
+
+/// A running `reset-worker run` child. Dropping it kills the child; its log is
+/// printed on drop when the test is panicking or `TEST_LOG=1`.
+pub struct Worker {
+    pub child: Child,
+    pub metrics_addr: String,
+    pub log_path: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+/// Starts `reset-worker run EXTRA_ARGS...` with stdout and stderr in a log file.
+///
+/// Env defaults: AWS_ENDPOINT_URL_SQS and AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER
+/// = moto, AWS_REGION=us-east-1, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY=test,
+/// AWS_EC2_METADATA_DISABLED=true, RESET_WORKER_METRICS__LISTEN=127.0.0.1:<free port>,
+/// RESET_WORKER_SQS__WAIT_TIME_SECONDS=1, RUST_LOG=info. Pairs in `env` override
+/// these (e.g. point Cognito at a wiremock server). Inherited RESET_WORKER_* vars
+/// not in `env` are removed.
+pub fn spawn_worker(env: &[(String, String)], extra_args: &[&str]) -> Worker {
+    let moto = moto_url();
+    let given: HashSet<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    let metrics_addr = env
+        .iter()
+        .find(|(k, _)| k == "RESET_WORKER_METRICS__LISTEN")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+
+    let log_dir = tempfile::Builder::new()
+        .prefix("reset-worker-test.")
+        .tempdir()
+        .expect("temp dir for worker log");
+    let log_path = log_dir.path().join("worker.log");
+    let log = File::create(&log_path).expect("worker log file");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reset-worker"));
+    cmd.arg("run").args(extra_args);
+    for (key, _) in std::env::vars_os() {
+        if let Some(key) = key.to_str()
+            && key.starts_with("RESET_WORKER_")
+            && !given.contains(key)
+        {
+            cmd.env_remove(key);
+        }
+    }
+    for key in [
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+    ] {
+        cmd.env_remove(key);
+    }
+    cmd.env("AWS_ENDPOINT_URL_SQS", &moto)
+        .env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &moto)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RESET_WORKER_METRICS__LISTEN", &metrics_addr)
+        .env("RESET_WORKER_SQS__WAIT_TIME_SECONDS", "1")
+        .env("RUST_LOG", "info");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup worker log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn reset-worker");
+    Worker {
+        child,
+        metrics_addr,
+        log_path,
+        _log_dir: log_dir,
+    }
+}
+
+impl Worker {
+    /// Body of `GET /metrics` (empty when the endpoint does not answer 200).
+    pub fn metrics(&self) -> String {
+        match http_get(&self.metrics_addr, "/metrics") {
+            (200, body) => body,
+            _ => String::new(),
+        }
+    }
+
+    /// Status of `GET /readyz`; 0 when nothing answers.
+    pub fn ready(&self) -> u16 {
+        http_get(&self.metrics_addr, "/readyz").0
+    }
+
+    /// Sends SIGTERM to the worker.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+    }
+
+    /// Waits up to `timeout` for the worker to exit. `Some(code)`, with
+    /// `128 + signal` when a signal ended it; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait worker") {
+                return status.code().or_else(|| status.signal().map(|s| 128 + s));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the worker wrote to stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+            eprintln!(
+                "----- reset-worker log ({}) -----\n{}----- end of reset-worker log -----",
+                self.log_path.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics and polling
+// ---------------------------------------------------------------------------
+
+/// Sum of the samples of metric `name` in a Prometheus text exposition whose
+/// labels include every `(key, value)` in `labels`; 0.0 when there are none.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(parse_sample)
+        .filter(|(n, ls, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(line.len());
+    let name = line[..name_end].to_string();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices();
+        let mut key = String::new();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' => break i,
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next()?.1 != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()?.1 {
+                            '"' => break,
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            other => value.push(other),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key).trim().to_string(), value));
+                }
+                other => key.push(other),
+            }
+        };
+        rest = &inner[end + 1..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some((name, labels, value))
+}
+
+/// Polls `f` every 200 ms until it returns true (→ true) or `timeout` passes (→ false).
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
