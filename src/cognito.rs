@@ -7,6 +7,7 @@
 //! limit at once. [`crate::policy`] is therefore the only retry policy.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
@@ -172,11 +173,16 @@ pub struct Delivery {
     pub medium: &'static str,
 }
 
+/// The app client secret, replaceable while running (a rotated Kubernetes
+/// Secret file is re-read by the config watcher). A std `RwLock`: read once
+/// per call, never held across an await.
+pub type SharedSecret = Arc<RwLock<Option<SecretString>>>;
+
 /// Calls ForgotPassword with every parameter the job and config provide.
 pub struct Cognito {
     client: Client,
     client_id: String,
-    client_secret: Option<SecretString>,
+    client_secret: SharedSecret,
     default_metadata: BTreeMap<String, String>,
 }
 
@@ -185,13 +191,23 @@ impl Cognito {
         Self {
             client,
             client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
+            client_secret: Arc::new(RwLock::new(settings.client_secret.clone())),
             default_metadata: settings.client_metadata.clone(),
         }
     }
 
+    pub fn secret(&self) -> SharedSecret {
+        self.client_secret.clone()
+    }
+
     pub async fn forgot_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
         let username = job.username.expose();
+        let secret_hash = self
+            .client_secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| secret_hash(s.expose_secret(), username, &self.client_id));
         let metadata: HashMap<String, String> = job
             .merged_metadata(&self.default_metadata)
             .into_iter()
@@ -201,11 +217,7 @@ impl Cognito {
             .forgot_password()
             .client_id(&self.client_id)
             .username(username)
-            .set_secret_hash(
-                self.client_secret
-                    .as_ref()
-                    .map(|s| secret_hash(s.expose_secret(), username, &self.client_id)),
-            );
+            .set_secret_hash(secret_hash);
         if !metadata.is_empty() {
             request = request.set_client_metadata(Some(metadata));
         }

@@ -44,7 +44,7 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub sqs: SqsSettings,
@@ -61,7 +61,7 @@ pub struct Settings {
     pub logging: LoggingSettings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqsSettings {
     /// URL of the queue that holds one reset job per message. Required.
@@ -90,7 +90,7 @@ pub struct SqsSettings {
     pub delete_flush_interval_ms: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CognitoSettings {
     /// App client ID passed as `ClientId`. Required.
@@ -128,7 +128,7 @@ impl std::fmt::Debug for CognitoSettings {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     /// Jobs processed at once (semaphore permits), 1–1024. Concurrency does
@@ -136,18 +136,20 @@ pub struct LimitSettings {
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
     /// Hard cap on ForgotPassword calls per second from this process,
-    /// 1–10000. The account-wide UserAccountRecovery quota is 30/s and is
+    /// 0–10000. The account-wide UserAccountRecovery quota is 30/s and is
     /// shared with real users, so the default of 10 leaves two thirds for
-    /// them. Divide the campaign's share by the number of replicas.
+    /// them. Divide the campaign's share by the number of replicas. 0 pauses
+    /// the campaign. Applied live when the config file changes.
     #[serde(default = "defaults::max_rps")]
     pub max_rps: u32,
     /// Calls that may start back to back after an idle spell, 1–`max_rps`.
-    /// Any one-second window holds at most `max_rps + burst` calls.
+    /// Any one-second window holds at most `max_rps + burst` calls. Applied
+    /// live when the config file changes.
     #[serde(default = "defaults::burst")]
     pub burst: u32,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     /// First in-process backoff ceiling, 1–60000 ms. Each retry doubles the
@@ -172,7 +174,7 @@ pub struct RetrySettings {
     pub limit_exceeded_delay_seconds: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
@@ -180,7 +182,7 @@ pub struct MetricsSettings {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     /// After SIGTERM, how long in-flight calls may run before the worker
@@ -191,7 +193,7 @@ pub struct ShutdownSettings {
     pub grace_seconds: u64,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSettings {
     /// Key for the keyed hash (HMAC-SHA256) that stands for a username in
@@ -277,6 +279,15 @@ impl_default_from_serde!(
     MetricsSettings,
     ShutdownSettings
 );
+
+impl LimitSettings {
+    pub fn rate_limits(&self) -> crate::rate::Limits {
+        crate::rate::Limits {
+            max_rps: self.max_rps,
+            burst: self.burst,
+        }
+    }
+}
 
 impl Settings {
     /// Loads the layers, then validates the result.
@@ -382,8 +393,13 @@ impl Settings {
 
         let l = &self.limits;
         in_range("limits.concurrency", l.concurrency as u64, 1, 1024)?;
-        in_range("limits.max_rps", u64::from(l.max_rps), 1, 10_000)?;
-        in_range("limits.burst", u64::from(l.burst), 1, u64::from(l.max_rps))?;
+        in_range("limits.max_rps", u64::from(l.max_rps), 0, 10_000)?;
+        in_range(
+            "limits.burst",
+            u64::from(l.burst),
+            1,
+            u64::from(l.max_rps.max(1)).max(if l.max_rps == 0 { 10_000 } else { 1 }),
+        )?;
 
         let r = &self.retry;
         in_range("retry.initial_delay_ms", r.initial_delay_ms, 1, 60_000)?;
@@ -503,7 +519,7 @@ mod tests {
             assert!(err.contains("cognito"), "{err}");
             let cases = [
                 ("[limits]\nconcurrency = 0", "limits.concurrency"),
-                ("[limits]\nmax_rps = 0", "limits.max_rps"),
+                ("[limits]\nmax_rps = 10001", "limits.max_rps"),
                 ("[limits]\nburst = 50", "limits.burst"),
                 (
                     "[retry]\nlimit_exceeded_delay_seconds = 50000",

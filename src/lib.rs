@@ -11,7 +11,8 @@
 //! - [`queue`]: SQS receive, visibility changes, dead-lettering, batched deletes.
 //! - [`cognito`]: the `ForgotPassword` call, `SecretHash`, error codes; SDK retries off.
 //! - [`policy`]: [`policy::classify`], the one function that decides what an error means; backoff with full jitter.
-//! - [`rate`]: the request-rate cap (`governor`) every Cognito attempt waits on.
+//! - [`rate`]: the request-rate cap (`governor`): hard, adaptive (AIMD on throttling) and live.
+//! - [`reload`]: watches the config file and applies rate limits and the secret without a restart.
 //! - [`worker`]: the receive loop and the per-message task: decide, then apply.
 //! - [`outcome`]: the outcome of a message, logged and counted in one place.
 //! - [`telemetry`]: tracing set-up and every metric's name.
@@ -26,6 +27,7 @@ pub mod outcome;
 pub mod policy;
 pub mod queue;
 pub mod rate;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use reset_worker::config::Settings;
 use reset_worker::health::{self, Health};
 use reset_worker::worker::{RunOptions, Worker, WorkerError};
-use reset_worker::{cognito, queue, shutdown, telemetry};
+use reset_worker::{cognito, queue, reload, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes an operator (or a Kubernetes Job's backoffLimit) can act on.
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(settings, run_options)) {
+    match runtime.block_on(run(settings, config, run_options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let halted = matches!(
@@ -106,7 +106,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(settings: Settings, options: RunOptions) -> anyhow::Result<()> {
+async fn run(
+    settings: Settings,
+    config: Option<PathBuf>,
+    options: RunOptions,
+) -> anyhow::Result<()> {
     let metrics =
         telemetry::install_recorder().context("Failed to install the metrics recorder")?;
     let shutdown = shutdown::on_signal().context("Failed to install signal handlers")?;
@@ -139,8 +143,20 @@ async fn run(settings: Settings, options: RunOptions) -> anyhow::Result<()> {
         secret_hash = settings.cognito.client_secret.is_some(),
         "worker starting"
     );
+    let watcher = config.map(|path| {
+        tokio::spawn(reload::watch(
+            path,
+            settings.clone(),
+            worker.live(),
+            reload::POLL_INTERVAL,
+            server_stop.clone(),
+        ))
+    });
     let result = worker.run(shutdown, options).await;
     server_stop.cancel();
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     let _ = server.await;
     result
         .map(|_| ())

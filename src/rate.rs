@@ -1,37 +1,360 @@
-//! The request-rate cap on Cognito calls.
+//! The request-rate cap on Cognito calls: hard, adaptive and live.
 //!
 //! Concurrency does not bound a rate (8 permits at 50 ms latency would be 160
 //! calls/s), so every ForgotPassword attempt, first tries and retries alike,
 //! first waits here. Retries sharing the cap is what keeps a throttling storm
 //! from amplifying itself.
+//!
+//! Two `governor` (GCRA) limiters gate each call:
+//! - the **hard cap** at `limits.max_rps` with `limits.burst`, rebuilt only
+//!   when the operator changes those values. GCRA guarantees any one-second
+//!   window holds at most `max_rps + burst` calls;
+//! - the **adaptive gate** at the effective rate, present only while the
+//!   worker is slowed down. Cognito's TooManyRequestsException cuts the
+//!   effective rate multiplicatively (AIMD); it climbs back additively, over
+//!   seconds, to `max_rps`. Rebuilding the gate can at most let one extra
+//!   call through, and the hard cap still bounds every window.
+//!
+//! `max_rps = 0` pauses the campaign: waiting calls give up (their messages
+//! are released) and nothing new starts until the cap is raised again.
 
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter as Gcra};
+use tokio::sync::watch;
 
-use crate::config::LimitSettings;
 use crate::telemetry;
 
-/// Process-wide GCRA limiter (`governor`). Shared by every job task; GCRA
-/// guarantees that any one-second window holds at most `max_rps + burst`
-/// calls.
-pub struct RateLimiter {
-    inner: DefaultDirectRateLimiter,
+/// Multiplicative decrease on throttling.
+const DECREASE_FACTOR: f64 = 0.8;
+/// At most one decrease per this interval: a burst of throttled answers to
+/// calls that were all in flight at once is one congestion signal, not many.
+const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+/// Additive increase per second, as a share of `max_rps` (at least 0.5/s):
+/// back to full speed in about 10 s after a single decrease.
+const INCREASE_SHARE_PER_SECOND: f64 = 0.02;
+/// The adaptive rate never goes below this many calls per second.
+const MIN_RATE: f64 = 1.0;
+
+/// The operator's limits, as configured (and live-reloaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_rps: u32,
+    pub burst: u32,
 }
 
-impl RateLimiter {
-    pub fn new(limits: &LimitSettings) -> Self {
-        // Validation guarantees both are at least 1.
-        let rps = NonZeroU32::new(limits.max_rps).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
-        telemetry::rate_limit(limits.max_rps);
+/// Why [`RateLimiter::acquire`] did not grant a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paused;
+
+/// Additive-increase/multiplicative-decrease state, kept apart from the
+/// limiters and clocked by its caller so it can be tested deterministically.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    max: f64,
+    effective: f64,
+    last_update: Instant,
+    last_decrease: Option<Instant>,
+}
+
+impl Aimd {
+    pub fn new(max_rps: u32, now: Instant) -> Self {
         Self {
-            inner: Gcra::direct(Quota::per_second(rps).allow_burst(burst)),
+            max: f64::from(max_rps),
+            effective: f64::from(max_rps),
+            last_update: now,
+            last_decrease: None,
         }
     }
 
-    /// Waits until one more call may start.
-    pub async fn acquire(&self) {
-        self.inner.until_ready().await;
+    /// The effective rate at `now`, after additive recovery.
+    pub fn rate(&mut self, now: Instant) -> f64 {
+        let elapsed = now
+            .saturating_duration_since(self.last_update)
+            .as_secs_f64();
+        let step = (self.max * INCREASE_SHARE_PER_SECOND).max(0.5);
+        self.effective = (self.effective + step * elapsed).min(self.max);
+        self.last_update = now;
+        self.effective
+    }
+
+    /// A throttled answer at `now`. Returns true when the rate was cut.
+    pub fn throttled(&mut self, now: Instant) -> bool {
+        if self
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t) < DECREASE_COOLDOWN)
+        {
+            return false;
+        }
+        let current = self.rate(now);
+        self.effective = (current * DECREASE_FACTOR).max(MIN_RATE.min(self.max));
+        self.last_decrease = Some(now);
+        true
+    }
+
+    /// A new configured maximum; the effective rate never exceeds it.
+    pub fn set_max(&mut self, max_rps: u32, now: Instant) {
+        self.rate(now);
+        self.max = f64::from(max_rps);
+        self.effective = self.effective.min(self.max);
+        if self.last_decrease.is_none() {
+            // Not slowed down: follow the new maximum straight away.
+            self.effective = self.max;
+        }
+    }
+}
+
+struct Adaptive {
+    aimd: Aimd,
+    /// The gate's whole-number rate; `None` while running at full speed.
+    gate_rate: Option<u32>,
+    gate: Option<Arc<DefaultDirectRateLimiter>>,
+}
+
+/// The process-wide limiter. Shared by every job task through `Arc`.
+pub struct RateLimiter {
+    /// Current limits; job tasks and the receive loop watch it for pauses.
+    limits: watch::Sender<Limits>,
+    /// The hard cap. Replaced (never mutated) when the limits change; a task
+    /// already waiting on the old one finishes its wait there.
+    hard: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
+    /// AIMD state and its gate. A std mutex: held for microseconds, never
+    /// across an await.
+    adaptive: Mutex<Adaptive>,
+}
+
+fn gcra(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let rps = NonZeroU32::new(rps)?;
+    let burst = NonZeroU32::new(burst.max(1))?;
+    Some(Arc::new(Gcra::direct(
+        Quota::per_second(rps).allow_burst(burst),
+    )))
+}
+
+impl RateLimiter {
+    pub fn new(limits: Limits) -> Self {
+        telemetry::rate_limit(f64::from(limits.max_rps));
+        Self {
+            limits: watch::Sender::new(limits),
+            hard: RwLock::new(gcra(limits.max_rps, limits.burst)),
+            adaptive: Mutex::new(Adaptive {
+                aimd: Aimd::new(limits.max_rps, Instant::now()),
+                gate_rate: None,
+                gate: None,
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        *self.limits.borrow()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.limits().max_rps == 0
+    }
+
+    /// Applies new limits at once (live reload).
+    pub fn set_limits(&self, limits: Limits) {
+        if let Ok(mut hard) = self.hard.write() {
+            *hard = gcra(limits.max_rps, limits.burst);
+        }
+        self.with_adaptive(|a| a.aimd.set_max(limits.max_rps, Instant::now()));
+        self.limits.send_replace(limits);
+    }
+
+    /// Tells the limiter Cognito answered TooManyRequestsException.
+    pub fn on_throttled(&self) {
+        self.with_adaptive(|a| {
+            if a.aimd.throttled(Instant::now()) {
+                tracing::info!(
+                    effective_rps = format!("{:.1}", a.aimd.effective),
+                    "throttled by Cognito; slowing down"
+                );
+            }
+        });
+    }
+
+    /// Updates the gate after recovery or a decrease; returns it.
+    fn with_adaptive<R>(&self, f: impl FnOnce(&mut Adaptive) -> R) -> R {
+        // A poisoned lock only means another task panicked mid-update; the
+        // state is still a valid rate.
+        let mut guard = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut guard);
+        let now = Instant::now();
+        let rate = guard.aimd.rate(now);
+        let max = guard.aimd.max;
+        let wanted = (rate < max).then(|| rate.floor().max(1.0) as u32);
+        if wanted != guard.gate_rate {
+            guard.gate_rate = wanted;
+            guard.gate = wanted.and_then(|r| gcra(r, 1));
+            telemetry::rate_limit(wanted.map_or(max, f64::from));
+        }
+        out
+    }
+
+    /// The effective rate now (for the gauge and tests).
+    pub fn effective_rate(&self) -> f64 {
+        self.with_adaptive(|a| a.aimd.rate(Instant::now()))
+    }
+
+    /// Waits until one more call may start, or returns `Err(Paused)` as soon
+    /// as the campaign is paused.
+    pub async fn acquire(&self) -> Result<(), Paused> {
+        let mut limits = self.limits.subscribe();
+        loop {
+            if limits.borrow_and_update().max_rps == 0 {
+                return Err(Paused);
+            }
+            let hard = self.hard.read().ok().and_then(|h| h.clone());
+            let gate = self.with_adaptive(|a| a.gate.clone());
+            let wait = async {
+                if let Some(gate) = gate {
+                    gate.until_ready().await;
+                }
+                if let Some(hard) = hard {
+                    hard.until_ready().await;
+                }
+            };
+            tokio::select! {
+                _ = wait => return Ok(()),
+                // Limits changed while waiting: re-check for a pause, then
+                // wait on the new limiters.
+                changed = limits.changed() => if changed.is_err() { return Err(Paused) },
+            }
+        }
+    }
+
+    /// Resolves when the campaign is not paused.
+    pub async fn wait_unpaused(&self) {
+        let mut limits = self.limits.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we
+        // borrow `self`.
+        let _ = limits.wait_for(|l| l.max_rps > 0).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aimd_cuts_once_per_cooldown_and_recovers_additively() {
+        let t0 = Instant::now();
+        let mut aimd = Aimd::new(100, t0);
+        assert_eq!(aimd.rate(t0), 100.0);
+
+        assert!(aimd.throttled(t0));
+        assert!((aimd.rate(t0) - 80.0).abs() < 1e-9);
+        // A burst of throttled answers within the cooldown is one signal.
+        assert!(!aimd.throttled(t0 + Duration::from_millis(500)));
+        assert!(aimd.rate(t0 + Duration::from_millis(500)) < 81.5);
+
+        // Two more cuts, a second apart each.
+        assert!(aimd.throttled(t0 + Duration::from_secs(1)));
+        assert!(aimd.throttled(t0 + Duration::from_secs(2)));
+        let low = aimd.rate(t0 + Duration::from_secs(2));
+        assert!(low < 56.0, "{low}");
+
+        // +2/s (2 % of 100): not instant, but full speed within ~25 s.
+        let after_5s = aimd.rate(t0 + Duration::from_secs(7));
+        assert!((after_5s - (low + 10.0)).abs() < 1e-6, "{after_5s}");
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(40)), 100.0);
+    }
+
+    #[test]
+    fn aimd_never_goes_below_the_floor_or_above_max() {
+        let t0 = Instant::now();
+        let mut aimd = Aimd::new(3, t0);
+        for i in 0..20 {
+            aimd.throttled(t0 + Duration::from_secs(i));
+        }
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(19)), 1.0);
+        aimd.set_max(2, t0 + Duration::from_secs(100));
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(100)), 2.0);
+    }
+
+    /// Real clock: governor runs on its own clock, so tokio's paused time
+    /// does not apply. Only upper bounds are asserted, and a slow machine
+    /// can only make calls later, never earlier, so this cannot flake.
+    #[tokio::test]
+    async fn hard_cap_holds_over_every_one_second_window() {
+        let limiter = RateLimiter::new(Limits {
+            max_rps: 40,
+            burst: 4,
+        });
+        let start = Instant::now();
+        let mut grants = Vec::new();
+        for _ in 0..90 {
+            limiter.acquire().await.unwrap();
+            grants.push(start.elapsed());
+        }
+        let max_in_window = grants
+            .iter()
+            .map(|&t| {
+                grants
+                    .iter()
+                    .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(
+            max_in_window <= 44,
+            "{max_in_window} calls in one second, cap 40 + burst 4"
+        );
+        // 90 calls at 40/s after a burst of 4 need at least (90-4)/40 s.
+        assert!(
+            grants[89] >= Duration::from_millis(2100),
+            "{:?}",
+            grants[89]
+        );
+    }
+
+    #[tokio::test]
+    async fn throttling_engages_the_gate_and_the_gauge_value() {
+        let limiter = RateLimiter::new(Limits {
+            max_rps: 50,
+            burst: 1,
+        });
+        limiter.on_throttled();
+        let rate = limiter.effective_rate();
+        assert!((39.0..=41.0).contains(&rate), "{rate}");
+        assert!(limiter.with_adaptive(|a| a.gate.is_some()));
+        assert_eq!(limiter.with_adaptive(|a| a.gate_rate), Some(40));
+    }
+
+    #[tokio::test]
+    async fn pause_releases_waiters_and_resume_unblocks() {
+        let limiter = Arc::new(RateLimiter::new(Limits {
+            max_rps: 1,
+            burst: 1,
+        }));
+        limiter.acquire().await.unwrap();
+        // The next call must wait ~1 s; pausing ends that wait at once.
+        let waiter = tokio::spawn({
+            let l = limiter.clone();
+            async move { l.acquire().await }
+        });
+        tokio::task::yield_now().await;
+        limiter.set_limits(Limits {
+            max_rps: 0,
+            burst: 1,
+        });
+        assert_eq!(waiter.await.unwrap(), Err(Paused));
+        assert!(limiter.is_paused());
+        assert_eq!(limiter.acquire().await, Err(Paused));
+
+        let unpaused = tokio::spawn({
+            let l = limiter.clone();
+            async move { l.wait_unpaused().await }
+        });
+        limiter.set_limits(Limits {
+            max_rps: 5,
+            burst: 1,
+        });
+        unpaused.await.unwrap();
+        assert_eq!(limiter.acquire().await, Ok(()));
     }
 }

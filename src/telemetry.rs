@@ -169,8 +169,8 @@ pub fn in_flight(delta: f64) {
     gauge!(IN_FLIGHT).increment(delta);
 }
 
-pub fn rate_limit(per_second: u32) {
-    gauge!(RATE_LIMIT).set(f64::from(per_second));
+pub fn rate_limit(per_second: f64) {
+    gauge!(RATE_LIMIT).set(per_second);
 }
 
 pub fn ready(ready: bool) {

@@ -37,6 +37,13 @@ pub enum WorkerError {
     Startup(#[from] QueueError),
 }
 
+/// Handles to the settings that apply without a restart.
+#[derive(Clone)]
+pub struct Live {
+    pub limiter: Arc<RateLimiter>,
+    pub secret: crate::cognito::SharedSecret,
+}
+
 /// How the run ends besides a signal.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -57,7 +64,8 @@ struct Shared {
     deleter: Deleter,
     cognito: Cognito,
     /// Process-wide cap on Cognito calls; every attempt waits here first.
-    limiter: RateLimiter,
+    /// Shared with the config watcher, which changes its limits live.
+    limiter: Arc<RateLimiter>,
     hasher: UserHasher,
     health: Arc<Health>,
     tally: Tally,
@@ -96,7 +104,7 @@ impl Shared {
 pub struct Worker {
     queue: Arc<Queue>,
     cognito: Cognito,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     hasher: UserHasher,
     health: Arc<Health>,
     concurrency: usize,
@@ -121,7 +129,7 @@ impl Worker {
         Self {
             queue,
             cognito: Cognito::new(cognito, &settings.cognito),
-            limiter: RateLimiter::new(&settings.limits),
+            limiter: Arc::new(RateLimiter::new(settings.limits.rate_limits())),
             hasher: UserHasher::new(settings.logging.username_hash_key.clone()),
             health,
             concurrency: settings.limits.concurrency,
@@ -138,6 +146,14 @@ impl Worker {
                     limit_exceeded_delay_seconds: settings.retry.limit_exceeded_delay_seconds,
                 },
             },
+        }
+    }
+
+    /// What the config watcher may change while the worker runs.
+    pub fn live(&self) -> Live {
+        Live {
+            limiter: self.limiter.clone(),
+            secret: self.cognito.secret(),
         }
     }
 
@@ -189,6 +205,16 @@ impl Worker {
         let mut empty_polls = 0u32;
 
         loop {
+            if shared.limiter.is_paused() {
+                tracing::info!("campaign paused (limits.max_rps = 0); holding no messages");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => break,
+                    _ = shared.limiter.wait_unpaused() => {
+                        tracing::info!("campaign resumed");
+                        continue;
+                    }
+                }
+            }
             let first = tokio::select! {
                 biased;
                 _ = shared.stop.cancelled() => break,
@@ -398,7 +424,10 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
                 decided.outcome = Outcome::Released { reason: shared.release_reason() };
                 return decided;
             }
-            _ = shared.limiter.acquire() => {}
+            granted = shared.limiter.acquire() => if granted.is_err() {
+                decided.outcome = Outcome::Released { reason: "paused" };
+                return decided;
+            },
         }
         decided.attempts += 1;
         // Not cancellable: once sent, the call's result must be applied, or
@@ -413,6 +442,9 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
             Err(err) => err,
         };
         decided.last_error = Some(err.code);
+        if err.code == ErrorCode::TooManyRequests {
+            shared.limiter.on_throttled();
+        }
         let give_up = match classify(err.code) {
             Class::Retryable => {
                 (decided.attempts >= retry.max_attempts).then(|| Outcome::Deferred {

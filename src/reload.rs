@@ -1,0 +1,133 @@
+//! Live configuration: watches the config file (and the client secret file)
+//! and applies what can change without a restart.
+//!
+//! In Kubernetes the config is a mounted ConfigMap, which is updated in place
+//! by swapping a symlink. Inotify-style watchers miss or double-report such
+//! swaps, so the watcher polls the files' contents instead: cheap at one read
+//! every couple of seconds, and correct for every kind of update.
+//!
+//! Applied live: `limits.max_rps` (0 pauses), `limits.burst`, and the client
+//! secret from `cognito.client_secret_file`. Any other change is logged as
+//! needing a restart. An invalid edit is rejected with one log line and the
+//! old values stay in force.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::worker::Live;
+
+/// How often the files are read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The files that make up the configuration, and their last contents.
+struct Watched {
+    config: PathBuf,
+    secret_file: Option<PathBuf>,
+    last: Vec<Option<Vec<u8>>>,
+}
+
+impl Watched {
+    fn read(&self) -> Vec<Option<Vec<u8>>> {
+        std::iter::once(&self.config)
+            .chain(self.secret_file.as_ref())
+            .map(|p| std::fs::read(p).ok())
+            .collect()
+    }
+}
+
+/// Polls until `stop` fires. `current` is the configuration the worker
+/// started with.
+pub async fn watch(
+    config: PathBuf,
+    current: Settings,
+    live: Live,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut watched = Watched {
+        secret_file: current.cognito.client_secret_file.clone(),
+        config,
+        last: Vec::new(),
+    };
+    watched.last = watched.read();
+    let mut applied = current.limits.rate_limits();
+    let mut restart_needed_logged = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = watched.read();
+        if now == watched.last {
+            continue;
+        }
+        watched.last = now;
+        match Settings::load(Some(&watched.config)) {
+            Err(err) => {
+                tracing::error!(
+                    file = %watched.config.display(),
+                    error = %err,
+                    max_rps = applied.max_rps,
+                    "config edit rejected; keeping the values in force"
+                );
+            }
+            Ok(new) => {
+                let limits = new.limits.rate_limits();
+                if limits != applied {
+                    tracing::info!(
+                        old_max_rps = applied.max_rps,
+                        new_max_rps = limits.max_rps,
+                        old_burst = applied.burst,
+                        new_burst = limits.burst,
+                        paused = limits.max_rps == 0,
+                        "rate limits changed"
+                    );
+                    live.limiter.set_limits(limits);
+                    applied = limits;
+                }
+                update_secret(&live, &new);
+                if !restart_needed_logged && needs_restart(&current, &new) {
+                    restart_needed_logged = true;
+                    tracing::warn!(
+                        "config file changed keys that apply only after a restart \
+                         (anything but limits.max_rps, limits.burst and the secret file)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn update_secret(live: &Live, new: &Settings) {
+    let mut slot = live.secret.write().unwrap_or_else(|e| e.into_inner());
+    let changed = match (slot.as_ref(), new.cognito.client_secret.as_ref()) {
+        (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
+        (None, None) => false,
+        _ => true,
+    };
+    if changed {
+        *slot = new.cognito.client_secret.clone();
+        tracing::info!("client secret reloaded");
+    }
+}
+
+/// True when something other than the live keys differs. Compared through
+/// `Debug`, which redacts secrets, so secret changes never count here.
+fn needs_restart(old: &Settings, new: &Settings) -> bool {
+    let strip = |s: &Settings| {
+        let text = format!("{s:?}");
+        // Blank out the live section.
+        match (
+            text.find("limits: LimitSettings"),
+            text.find("retry: RetrySettings"),
+        ) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &text[..a], &text[b..]),
+            _ => text,
+        }
+    };
+    strip(old) != strip(new)
+}
