@@ -266,13 +266,21 @@ mod tests {
     #[test]
     fn aimd_never_goes_below_the_floor_or_above_max() {
         let t0 = Instant::now();
+        // Throttled every second, the rate settles where the decrease and
+        // one second of recovery balance: x = (x + 0.5) * 0.8, i.e. 2.
         let mut aimd = Aimd::new(3, t0);
-        for i in 0..20 {
+        for i in 0..30 {
             aimd.throttled(t0 + Duration::from_secs(i));
         }
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(19)), 1.0);
-        aimd.set_max(2, t0 + Duration::from_secs(100));
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(100)), 2.0);
+        let settled = aimd.rate(t0 + Duration::from_secs(29));
+        assert!((settled - 2.0).abs() < 0.01, "{settled}");
+        // Lowering the maximum caps the effective rate at once.
+        aimd.set_max(1, t0 + Duration::from_secs(30));
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(30)), 1.0);
+        // At 1/s the floor holds.
+        aimd.throttled(t0 + Duration::from_secs(31));
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(31)), 1.0);
+        assert_eq!(aimd.rate(t0 + Duration::from_secs(99)), 1.0);
     }
 
     /// Real clock: governor runs on its own clock, so tokio's paused time
