@@ -111,6 +111,8 @@ struct Adaptive {
     /// The gate's whole-number rate; `None` while running at full speed.
     gate_rate: Option<u32>,
     gate: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The value last written to the rate gauge.
+    shown: f64,
 }
 
 /// The process-wide limiter. Shared by every job task through `Arc`.
@@ -143,6 +145,7 @@ impl RateLimiter {
                 aimd: Aimd::new(limits.max_rps, Instant::now()),
                 gate_rate: None,
                 gate: None,
+                shown: f64::from(limits.max_rps),
             }),
         }
     }
@@ -189,7 +192,11 @@ impl RateLimiter {
         if wanted != guard.gate_rate {
             guard.gate_rate = wanted;
             guard.gate = wanted.and_then(|r| gcra(r, 1));
-            telemetry::rate_limit(wanted.map_or(max, f64::from));
+        }
+        let shown = wanted.map_or(max, f64::from);
+        if shown != guard.shown {
+            guard.shown = shown;
+            telemetry::rate_limit(shown);
         }
         out
     }
