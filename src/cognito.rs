@@ -21,7 +21,7 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
-use crate::config::CognitoSettings;
+use crate::config::{Action, CognitoSettings};
 use crate::job::ResetJob;
 use crate::telemetry;
 
@@ -181,6 +181,8 @@ pub type SharedSecret = Arc<RwLock<Option<SecretString>>>;
 /// Calls ForgotPassword with every parameter the job and config provide.
 pub struct Cognito {
     client: Client,
+    action: Action,
+    user_pool_id: Option<String>,
     client_id: String,
     client_secret: SharedSecret,
     default_metadata: BTreeMap<String, String>,
@@ -190,6 +192,8 @@ impl Cognito {
     pub fn new(client: Client, settings: &CognitoSettings) -> Self {
         Self {
             client,
+            action: settings.action,
+            user_pool_id: settings.user_pool_id.clone(),
             client_id: settings.client_id.clone(),
             client_secret: Arc::new(RwLock::new(settings.client_secret.clone())),
             default_metadata: settings.client_metadata.clone(),
@@ -200,7 +204,48 @@ impl Cognito {
         self.client_secret.clone()
     }
 
-    pub async fn forgot_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
+    /// Runs the configured action for one job.
+    pub async fn reset(&self, job: &ResetJob) -> Result<Delivery, CallError> {
+        match self.action {
+            Action::ForgotPassword => self.forgot_password(job).await,
+            Action::AdminResetUserPassword => self.admin_reset_user_password(job).await,
+        }
+    }
+
+    /// `AdminResetUserPassword`: invalidates the password, then Cognito
+    /// sends a code. It takes no SecretHash, context or analytics data, and
+    /// reports no delivery medium.
+    async fn admin_reset_user_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
+        let metadata: HashMap<String, String> = job
+            .merged_metadata(&self.default_metadata)
+            .into_iter()
+            .collect();
+        let mut request = self
+            .client
+            .admin_reset_user_password()
+            .set_user_pool_id(self.user_pool_id.clone())
+            .username(job.username.expose());
+        if !metadata.is_empty() {
+            request = request.set_client_metadata(Some(metadata));
+        }
+        let started = Instant::now();
+        let result = request.send().await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(_) => {
+                telemetry::cognito_request(Ok(()), elapsed);
+                Ok(Delivery { medium: "none" })
+            }
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                let call_error = CallError::from_sdk(&err, status);
+                telemetry::cognito_request(Err(call_error.code), elapsed);
+                Err(call_error)
+            }
+        }
+    }
+
+    async fn forgot_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
         let username = job.username.expose();
         let secret_hash = self
             .client_secret

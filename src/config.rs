@@ -13,7 +13,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Prefix of every environment variable that overrides a config key.
 pub const ENV_PREFIX: &str = "RESET_WORKER_";
@@ -44,7 +44,7 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub sqs: SqsSettings,
@@ -59,9 +59,50 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     #[serde(default)]
     pub logging: LoggingSettings,
+    #[serde(default)]
+    pub dedup: DedupSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Which Cognito call a job makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `ForgotPassword`: sends a code; the old password keeps working until
+    /// the user sets a new one. Needs no IAM permission.
+    #[default]
+    ForgotPassword,
+    /// `AdminResetUserPassword`: invalidates the password (status
+    /// RESET_REQUIRED), then sends a code. The real forced reset after a
+    /// breach. Needs `cognito.user_pool_id` and the IAM permission
+    /// `cognito-idp:AdminResetUserPassword`.
+    AdminResetUserPassword,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ForgotPassword => "forgot_password",
+            Action::AdminResetUserPassword => "admin_reset_user_password",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupSettings {
+    /// A (campaign, username) sent within this many seconds is not sent
+    /// again by this process (outcome `skipped`, reason `duplicate`), which
+    /// absorbs SQS's at-least-once redeliveries. 0–604800; 0 turns it off.
+    #[serde(default = "defaults::dedup_window_seconds")]
+    pub window_seconds: u64,
+    /// Most (campaign, username) pairs remembered, 1000–10000000. About
+    /// 150 bytes each: the default 200000 costs about 30 MiB at most. When
+    /// full, the least recently used pairs are forgotten first.
+    #[serde(default = "defaults::dedup_max_entries")]
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqsSettings {
     /// URL of the queue that holds one reset job per message. Required.
@@ -90,14 +131,14 @@ pub struct SqsSettings {
     pub delete_flush_interval_ms: u64,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CognitoSettings {
     /// App client ID passed as `ClientId`. Required.
     pub client_id: String,
     /// App client secret. When set (here or through `client_secret_file`),
     /// every call carries `SecretHash`. Never logged.
-    #[serde(default)]
+    #[serde(default, serialize_with = "redacted")]
     pub client_secret: Option<SecretString>,
     /// File holding the app client secret (e.g. a mounted Kubernetes Secret);
     /// trailing whitespace is ignored. Mutually exclusive with `client_secret`.
@@ -107,6 +148,14 @@ pub struct CognitoSettings {
     /// `client_metadata` wins on a key clash. At most 50 entries.
     #[serde(default)]
     pub client_metadata: BTreeMap<String, String>,
+    /// `forgot_password` (default) or `admin_reset_user_password`; see the
+    /// README for when to choose each. Same outcome policy for both.
+    #[serde(default)]
+    pub action: Action,
+    /// The user pool ID. Required for `admin_reset_user_password`; also used
+    /// by `preflight` to inspect the pool and the app client.
+    #[serde(default)]
+    pub user_pool_id: Option<String>,
     /// Time limit for one ForgotPassword call, 1–300 s. A call that takes
     /// longer counts as a retryable error, so a hung call never holds a slot.
     #[serde(default = "defaults::request_timeout_seconds")]
@@ -123,12 +172,14 @@ impl std::fmt::Debug for CognitoSettings {
             )
             .field("client_secret_file", &self.client_secret_file)
             .field("client_metadata", &self.client_metadata)
+            .field("action", &self.action)
+            .field("user_pool_id", &self.user_pool_id)
             .field("request_timeout_seconds", &self.request_timeout_seconds)
             .finish()
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     /// Jobs processed at once (semaphore permits), 1–1024. Concurrency does
@@ -149,7 +200,7 @@ pub struct LimitSettings {
     pub burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     /// First in-process backoff ceiling, 1–60000 ms. Each retry doubles the
@@ -174,15 +225,20 @@ pub struct RetrySettings {
     pub limit_exceeded_delay_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
+    /// Distinct `campaign` label values on
+    /// `reset_worker_campaign_jobs_total`, 1–1000; further campaigns are
+    /// counted as `other`, which keeps the series count bounded.
+    #[serde(default = "defaults::max_campaign_labels")]
+    pub max_campaign_labels: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     /// After SIGTERM, how long in-flight calls may run before the worker
@@ -193,13 +249,13 @@ pub struct ShutdownSettings {
     pub grace_seconds: u64,
 }
 
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSettings {
     /// Key for the keyed hash (HMAC-SHA256) that stands for a username in
     /// logs. Set it to correlate log lines across restarts and replicas; when
     /// unset, a random key is drawn at start-up. Never logged.
-    #[serde(default)]
+    #[serde(default, serialize_with = "redacted")]
     pub username_hash_key: Option<SecretString>,
 }
 
@@ -259,6 +315,15 @@ mod defaults {
     pub const fn grace_seconds() -> u64 {
         25
     }
+    pub const fn dedup_window_seconds() -> u64 {
+        24 * 60 * 60
+    }
+    pub const fn dedup_max_entries() -> u64 {
+        200_000
+    }
+    pub const fn max_campaign_labels() -> usize {
+        20
+    }
 }
 
 macro_rules! impl_default_from_serde {
@@ -277,7 +342,8 @@ impl_default_from_serde!(
     LimitSettings,
     RetrySettings,
     MetricsSettings,
-    ShutdownSettings
+    ShutdownSettings,
+    DedupSettings
 );
 
 impl LimitSettings {
@@ -428,11 +494,106 @@ impl Settings {
             1,
             3600,
         )?;
+        in_range(
+            "dedup.window_seconds",
+            self.dedup.window_seconds,
+            0,
+            7 * 86400,
+        )?;
+        in_range(
+            "dedup.max_entries",
+            self.dedup.max_entries,
+            1000,
+            10_000_000,
+        )?;
+        in_range(
+            "metrics.max_campaign_labels",
+            self.metrics.max_campaign_labels as u64,
+            1,
+            1000,
+        )?;
+        if self.cognito.action == Action::AdminResetUserPassword
+            && self
+                .cognito
+                .user_pool_id
+                .as_deref()
+                .is_none_or(|p| p.trim().is_empty())
+        {
+            return Err(invalid(
+                "cognito.user_pool_id",
+                "is required when `cognito.action` is `admin_reset_user_password`",
+            ));
+        }
         Ok(())
     }
 
     pub fn visibility_timeout(&self) -> Duration {
         Duration::from_secs(self.sqs.visibility_timeout_seconds)
+    }
+}
+
+fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+/// One line of `reset-worker config`: a key, its effective value (secrets
+/// redacted) and where the value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Explained {
+    pub key: String,
+    pub value: String,
+    pub source: String,
+}
+
+impl Settings {
+    /// Every key with its effective value and source, for `reset-worker config`.
+    pub fn explain(&self, file: Option<&Path>) -> Vec<Explained> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS));
+        let mut out = Vec::new();
+        let value = serde_json::to_value(self).unwrap_or_default();
+        flatten("", &value, &mut |key, value| {
+            let source = figment
+                .find_metadata(key)
+                .map(|m| match &m.source {
+                    Some(src) => format!("{} ({src})", m.name),
+                    None => m.name.to_string(),
+                })
+                .unwrap_or_else(|| match &self.cognito.client_secret_file {
+                    Some(path) if key == "cognito.client_secret" => {
+                        format!("file {}", path.display())
+                    }
+                    _ => "default".to_owned(),
+                });
+            out.push(Explained {
+                key: key.to_owned(),
+                value: value.to_string(),
+                source,
+            });
+        });
+        out
+    }
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, f: &mut dyn FnMut(&str, &serde_json::Value)) {
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, f);
+            }
+        }
+        other => f(prefix, other),
     }
 }
 

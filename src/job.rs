@@ -318,6 +318,20 @@ impl UserHasher {
         Self { key }
     }
 
+    /// 16 bytes of HMAC-SHA256(key, campaign || 0 || username): the
+    /// duplicate-suppression key, which holds no username.
+    pub fn pair_key(&self, campaign: &str, username: &Username) -> [u8; 16] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret().as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(campaign.as_bytes());
+        mac.update(&[0]);
+        mac.update(username.expose().as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        key
+    }
+
     /// 16 hex characters of HMAC-SHA256(key, username).
     pub fn user_ref(&self, username: &Username) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret().as_bytes())

@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`config`]: typed settings from `config/*.toml` and `RESET_WORKER_*` env vars, validated at start-up.
 //! - [`job`]: parses a message body into a [`job::ResetJob`]; the keyed user hash for logs.
+//! - [`dedup`]: suppresses a second send to the same (campaign, user) within a window.
 //! - [`queue`]: SQS receive, visibility changes, dead-lettering, batched deletes.
 //! - [`cognito`]: the `ForgotPassword` call, `SecretHash`, error codes; SDK retries off.
 //! - [`policy`]: [`policy::classify`], the one function that decides what an error means; backoff with full jitter.
@@ -18,9 +19,14 @@
 //! - [`telemetry`]: tracing set-up and every metric's name.
 //! - [`health`]: the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`enqueue`]: `reset-worker enqueue`: validate, de-duplicate and load a campaign file, resumably.
+//! - [`campaign`]: `reset-worker preflight` checks and `status`.
 
+pub mod campaign;
 pub mod cognito;
 pub mod config;
+pub mod dedup;
+pub mod enqueue;
 pub mod health;
 pub mod job;
 pub mod outcome;

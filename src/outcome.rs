@@ -70,8 +70,8 @@ pub struct Report<'a> {
 
 /// Outcome counts of one run, for the summary line at exit. Atomics because
 /// every job task records into it concurrently.
-#[derive(Debug, Default)]
 pub struct Tally {
+    campaigns: telemetry::CampaignLabels,
     sent: AtomicU64,
     skipped: AtomicU64,
     rejected: AtomicU64,
@@ -96,6 +96,17 @@ impl Summary {
 }
 
 impl Tally {
+    pub fn new(max_campaign_labels: usize) -> Self {
+        Self {
+            campaigns: telemetry::CampaignLabels::new(max_campaign_labels),
+            sent: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        }
+    }
+
     pub fn snapshot(&self) -> Summary {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Summary {
@@ -120,7 +131,12 @@ impl Tally {
             Outcome::Released { .. } => &self.released,
         };
         slot.fetch_add(1, Ordering::Relaxed);
-        telemetry::job_outcome(r.outcome.label(), r.age);
+        let campaign = if r.user.is_none() {
+            "unparsed".to_owned()
+        } else {
+            self.campaigns.label(r.campaign_id)
+        };
+        telemetry::job_outcome(r.outcome.label(), campaign, r.age);
 
         let delay_seconds = match r.outcome {
             Outcome::Deferred { delay, .. } => Some(delay.as_secs()),

@@ -249,6 +249,42 @@ impl Queue {
         Ok(())
     }
 
+    /// Sends up to 10 messages with SendMessageBatch. Returns the IDs of the
+    /// entries SQS refused, with whether the fault was the sender's.
+    pub async fn send_batch(
+        &self,
+        entries: &[Outgoing],
+    ) -> Result<Vec<(String, bool)>, QueueError> {
+        let built = entries
+            .iter()
+            .filter_map(|m| {
+                let mut e = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(&m.id)
+                    .message_body(&m.body);
+                if let Some(fifo) = &m.fifo {
+                    e = e
+                        .message_group_id(&fifo.group_id)
+                        .message_deduplication_id(&fifo.deduplication_id);
+                }
+                e.build().ok()
+            })
+            .collect();
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(built))
+            .send()
+            .await
+            .map_err(|e| self.error("SendMessageBatch", &self.url, e))?;
+        telemetry::sqs_request("SendMessageBatch", true);
+        Ok(out
+            .failed()
+            .iter()
+            .map(|f| (f.id().to_owned(), f.sender_fault()))
+            .collect())
+    }
+
     async fn delete_batch(&self, batch: &[PendingDelete]) -> Result<Vec<FailedDelete>, QueueError> {
         let entries = batch
             .iter()
@@ -282,6 +318,22 @@ impl Queue {
             })
             .collect())
     }
+}
+
+/// One message to send with [`Queue::send_batch`].
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Batch entry ID, unique within the batch.
+    pub id: String,
+    pub body: String,
+    /// Required on FIFO queues.
+    pub fifo: Option<FifoIds>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FifoIds {
+    pub group_id: String,
+    pub deduplication_id: String,
 }
 
 struct FailedDelete {

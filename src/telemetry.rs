@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cognito::ErrorCode;
 
 pub const JOBS_TOTAL: &str = "reset_worker_jobs_total";
+pub const CAMPAIGN_JOBS_TOTAL: &str = "reset_worker_campaign_jobs_total";
 pub const COGNITO_REQUESTS_TOTAL: &str = "reset_worker_cognito_requests_total";
 pub const COGNITO_DURATION: &str = "reset_worker_cognito_request_duration_seconds";
 pub const THROTTLED_TOTAL: &str = "reset_worker_throttled_total";
@@ -158,10 +159,44 @@ pub fn delete_failed(count: usize) {
     counter!(DELETE_FAILURES_TOTAL).increment(count as u64);
 }
 
-pub fn job_outcome(outcome: &'static str, age: Option<Duration>) {
+pub fn job_outcome(outcome: &'static str, campaign: String, age: Option<Duration>) {
     counter!(JOBS_TOTAL, "outcome" => outcome).increment(1);
+    counter!(CAMPAIGN_JOBS_TOTAL, "campaign" => campaign, "outcome" => outcome).increment(1);
     if let Some(age) = age {
         histogram!(JOB_AGE).record(age.as_secs_f64());
+    }
+}
+
+/// Bounds the `campaign` label: the first `max` campaign IDs seen get their
+/// own series, later ones share `other`. A std mutex: held for a set lookup.
+pub struct CampaignLabels {
+    max: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl CampaignLabels {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: Default::default(),
+        }
+    }
+
+    /// The label for a job's campaign: `none` without one, `unparsed` when
+    /// the body did not parse.
+    pub fn label(&self, campaign: Option<&str>) -> String {
+        let Some(campaign) = campaign else {
+            return "none".to_owned();
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(campaign) {
+            return campaign.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(campaign.to_owned());
+            return campaign.to_owned();
+        }
+        "other".to_owned()
     }
 }
 

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cognito::{CallError, Cognito, ErrorCode};
 use crate::config::{RetrySettings, Settings};
+use crate::dedup::Dedup;
 use crate::health::Health;
 use crate::job::{ResetJob, UserHasher};
 use crate::outcome::{Outcome, Report, Summary, Tally};
@@ -67,6 +68,8 @@ struct Shared {
     /// Shared with the config watcher, which changes its limits live.
     limiter: Arc<RateLimiter>,
     hasher: UserHasher,
+    /// Pairs sent recently, to skip SQS redeliveries (bounded TTL cache).
+    dedup: Dedup,
     health: Arc<Health>,
     tally: Tally,
     settings: JobSettings,
@@ -106,6 +109,8 @@ pub struct Worker {
     cognito: Cognito,
     limiter: Arc<RateLimiter>,
     hasher: UserHasher,
+    dedup: Dedup,
+    max_campaign_labels: usize,
     health: Arc<Health>,
     concurrency: usize,
     wait: Duration,
@@ -126,11 +131,14 @@ impl Worker {
             settings.sqs.queue_url.clone(),
             settings.sqs.dead_letter_queue_url.clone(),
         ));
+        let hasher = UserHasher::new(settings.logging.username_hash_key.clone());
         Self {
             queue,
             cognito: Cognito::new(cognito, &settings.cognito),
             limiter: Arc::new(RateLimiter::new(settings.limits.rate_limits())),
-            hasher: UserHasher::new(settings.logging.username_hash_key.clone()),
+            hasher: hasher.clone(),
+            dedup: Dedup::new(&settings.dedup, hasher),
+            max_campaign_labels: settings.metrics.max_campaign_labels,
             health,
             concurrency: settings.limits.concurrency,
             wait: Duration::from_secs(settings.sqs.wait_time_seconds),
@@ -189,8 +197,9 @@ impl Worker {
             cognito: self.cognito,
             limiter: self.limiter,
             hasher: self.hasher,
+            dedup: self.dedup,
             health: self.health.clone(),
-            tally: Tally::default(),
+            tally: Tally::new(self.max_campaign_labels),
             settings: self.job,
             stop: shutdown.child_token(),
             fatal: OnceLock::new(),
@@ -397,7 +406,8 @@ async fn heartbeat(shared: &Shared, msg: &ReceivedMessage) -> std::convert::Infa
     }
 }
 
-/// Runs the job's calls and decides its outcome. Touches no SQS state.
+/// Parses the job, suppresses duplicates, and decides its outcome. Touches
+/// no SQS state.
 async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
     let job = match ResetJob::parse(&msg.body) {
         Ok(job) => job,
@@ -408,36 +418,55 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
             });
         }
     };
-    let retry = &shared.settings.retry;
     let mut decided = Decided {
-        outcome: Outcome::Released { reason: "shutdown" },
+        outcome: Outcome::Skipped {
+            reason: "duplicate",
+        },
         campaign_id: job.campaign_id.clone(),
         user: Some(shared.hasher.user_ref(&job.username)),
         attempts: 0,
         last_error: None,
     };
+    let Some(claim) = shared.dedup.claim(&job) else {
+        return decided;
+    };
+    call_until_decided(shared, msg, &job, &mut decided).await;
+    if !matches!(decided.outcome, Outcome::Sent { .. }) {
+        shared.dedup.forget(claim);
+    }
+    decided
+}
+
+/// The call loop: rate cap, call, classify, back off.
+async fn call_until_decided(
+    shared: &Shared,
+    msg: &ReceivedMessage,
+    job: &ResetJob,
+    decided: &mut Decided,
+) {
+    let retry = &shared.settings.retry;
     let mut backoff = Backoff::new(retry);
     loop {
         tokio::select! {
             biased;
             _ = shared.stop.cancelled() => {
                 decided.outcome = Outcome::Released { reason: shared.release_reason() };
-                return decided;
+                return;
             }
             granted = shared.limiter.acquire() => if granted.is_err() {
                 decided.outcome = Outcome::Released { reason: "paused" };
-                return decided;
+                return;
             },
         }
         decided.attempts += 1;
         // Not cancellable: once sent, the call's result must be applied, or
         // a sent email could be followed by a redelivery and a second one.
-        let err = match shared.cognito.forgot_password(&job).await {
+        let err = match shared.cognito.reset(job).await {
             Ok(delivery) => {
                 decided.outcome = Outcome::Sent {
                     medium: delivery.medium,
                 };
-                return decided;
+                return;
             }
             Err(err) => err,
         };
@@ -475,7 +504,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
         };
         if let Some(outcome) = give_up {
             decided.outcome = outcome;
-            return decided;
+            return;
         }
         let delay = backoff.next_delay();
         tracing::debug!(
@@ -489,7 +518,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
             biased;
             _ = shared.stop.cancelled() => {
                 decided.outcome = Outcome::Released { reason: shared.release_reason() };
-                return decided;
+                return;
             }
             _ = tokio::time::sleep(delay) => {}
         }
