@@ -142,6 +142,19 @@ pub struct CallError {
 }
 
 impl CallError {
+    /// NotAuthorizedException usually means the campaign is misconfigured
+    /// (wrong secret, flow not allowed), but Cognito also uses it for the
+    /// state of one user: a disabled user, or (AdminResetUserPassword) a user
+    /// who never set a password. Those must not halt a campaign.
+    pub fn is_user_state(&self) -> bool {
+        const USER_STATE: [&str; 2] = ["user is disabled", "cannot be reset in the current state"];
+        self.code == ErrorCode::NotAuthorized
+            && self.server_message.as_deref().is_some_and(|m| {
+                let m = m.to_ascii_lowercase();
+                USER_STATE.iter().any(|p| m.contains(p))
+            })
+    }
+
     fn from_sdk<E, R>(err: &SdkError<E, R>, status: Option<u16>) -> Self
     where
         E: ProvideErrorMetadata,

@@ -192,6 +192,7 @@ fn main() -> ExitCode {
                 error = format!("{err:#}"),
                 "reset-worker stopped with an error"
             );
+            eprintln!("reset-worker: {err:#}");
             if halted {
                 ExitCode::from(EXIT_HALTED)
             } else {

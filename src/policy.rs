@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::cognito::ErrorCode;
+use crate::cognito::{CallError, ErrorCode};
 use crate::config::RetrySettings;
 
 /// What a failed call means for the job and the campaign.
@@ -29,11 +29,15 @@ pub enum Class {
     Fatal,
 }
 
-/// Classifies a failed ForgotPassword call. Every module asks this function;
-/// none matches on error codes itself.
-pub fn classify(code: ErrorCode) -> Class {
+/// Classifies a failed call. Every module asks this function; none matches
+/// on error codes itself.
+pub fn classify(err: &CallError) -> Class {
     use ErrorCode::*;
-    match code {
+    if err.is_user_state() {
+        // One user's state (disabled, no password yet): reject that job.
+        return Class::Permanent;
+    }
+    match err.code {
         TooManyRequests | InternalError | Timeout | Connection | ServerError => Class::Retryable,
         LimitExceeded => Class::UserLimited,
         UserNotFound => Class::UserNotFound,
@@ -149,7 +153,30 @@ mod tests {
             (Other, Class::Retryable),
         ];
         for (code, class) in table {
-            assert_eq!(classify(code), class, "{code:?}");
+            let err = CallError {
+                code,
+                http_status: Some(400),
+                server_message: Some("Some message".into()),
+            };
+            assert_eq!(classify(&err), class, "{code:?}");
         }
+    }
+
+    #[test]
+    fn not_authorized_for_one_users_state_is_not_fatal() {
+        let err = |m: &str| CallError {
+            code: ErrorCode::NotAuthorized,
+            http_status: Some(400),
+            server_message: Some(m.into()),
+        };
+        assert_eq!(classify(&err("User is disabled.")), Class::Permanent);
+        assert_eq!(
+            classify(&err("User password cannot be reset in the current state.")),
+            Class::Permanent
+        );
+        assert_eq!(
+            classify(&err("Unable to verify secret hash for client abc")),
+            Class::Fatal
+        );
     }
 }

@@ -474,7 +474,7 @@ async fn call_until_decided(
         if err.code == ErrorCode::TooManyRequests {
             shared.limiter.on_throttled();
         }
-        let give_up = match classify(err.code) {
+        let give_up = match classify(&err) {
             Class::Retryable => {
                 (decided.attempts >= retry.max_attempts).then(|| Outcome::Deferred {
                     reason: "retries_exhausted",

@@ -27,10 +27,7 @@ async fn pause_invalid_edit_and_resume_through_the_config_file() {
 
     let config_arg = config.to_str().unwrap().to_owned();
     let worker = spawn_worker(&stack_env(&stack), &["--config", &config_arg]);
-    let up = eventually(Duration::from_secs(20), || async {
-        worker.ready() == 200
-    })
-    .await;
+    let up = eventually(Duration::from_secs(20), || async { worker.ready() == 200 }).await;
     assert!(up, "a paused worker is still ready");
     assert_eq!(metric_value(&worker.metrics(), RATE_GAUGE, &[]), 0.0);
 
@@ -47,7 +44,10 @@ async fn pause_invalid_edit_and_resume_through_the_config_file() {
     .await;
     assert!(logged);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(forgot_password_calls(&stack.moto, &stack.client_id).len(), 0);
+    assert_eq!(
+        forgot_password_calls(&stack.moto, &stack.client_id).len(),
+        0
+    );
     assert_eq!(queue_counts(&stack.sqs, &stack.queue_url).await, (6, 0));
 
     // An invalid edit is rejected with a log line; the pause stays.
@@ -58,18 +58,28 @@ async fn pause_invalid_edit_and_resume_through_the_config_file() {
     .await;
     assert!(rejected, "{}", worker.logs());
     assert_eq!(metric_value(&worker.metrics(), RATE_GAUGE, &[]), 0.0);
-    assert_eq!(forgot_password_calls(&stack.moto, &stack.client_id).len(), 0);
+    assert_eq!(
+        forgot_password_calls(&stack.moto, &stack.client_id).len(),
+        0
+    );
     assert_eq!(worker.ready(), 200);
 
     // Resume with a new cap: every job is sent, once.
     write_limits(&config, "max_rps = 20\nburst = 2");
     let done = eventually(Duration::from_secs(30), || async {
-        metric_value(&worker.metrics(), "reset_worker_jobs_total", &[("outcome", "sent")]) == 6.0
+        metric_value(
+            &worker.metrics(),
+            "reset_worker_jobs_total",
+            &[("outcome", "sent")],
+        ) == 6.0
     })
     .await;
     assert!(done, "{}", worker.logs());
     assert_eq!(metric_value(&worker.metrics(), RATE_GAUGE, &[]), 20.0);
-    assert_eq!(forgot_password_calls(&stack.moto, &stack.client_id).len(), 6);
+    assert_eq!(
+        forgot_password_calls(&stack.moto, &stack.client_id).len(),
+        6
+    );
     let logs = worker.logs();
     assert_eq!(logs.matches("rate limits changed").count(), 1, "{logs}");
 
