@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs reset-worker end to end against a local moto server (never real AWS):
-# creates a user pool, an app client and queues, enqueues config/sample-campaign.jsonl,
-# runs the worker with --until-empty, shows its metrics and the ForgotPassword calls
-# moto received, and exits with the worker's exit code.
+# Runs a campaign end to end against a local moto server (never real AWS):
+# creates a user pool, an app client with a secret, users and queues; then, with
+# the worker's own subcommands, runs `preflight`, loads config/sample-campaign.jsonl
+# with `enqueue`, drains it with `run --until-empty`, shows the metrics, `status`
+# and the ForgotPassword calls moto received, and exits with the worker's exit code.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -38,9 +39,10 @@ WORKER_BIN="$TARGET_DIR/debug/reset-worker"
 
 start_moto "$(free_port)"
 
-stack_exports="$("$PY" scripts/local_stack.py --endpoint "$MOTO_URL" --campaign "$CAMPAIGN")"
+stack_exports="$("$PY" scripts/local_stack.py --endpoint "$MOTO_URL" --campaign "$CAMPAIGN" --no-enqueue)"
 eval "$stack_exports"
 JOBS="$LOCAL_JOB_COUNT"
+export RESET_WORKER_COGNITO__USER_POOL_ID="$LOCAL_USER_POOL_ID"
 
 METRICS_ADDR="127.0.0.1:$(free_port)"
 export AWS_ENDPOINT_URL_SQS="$MOTO_URL"
@@ -52,6 +54,13 @@ export AWS_EC2_METADATA_DISABLED=true
 export RESET_WORKER_METRICS__LISTEN="$METRICS_ADDR"
 export RESET_WORKER_SQS__WAIT_TIME_SECONDS=1
 export RUST_LOG="${RUST_LOG:-info}"
+
+log "reset-worker enqueue --campaign demo-2026-11 $CAMPAIGN"
+"$WORKER_BIN" enqueue --config "$CONFIG" --campaign demo-2026-11 \
+  --checkpoint "$DEMO_DIR/enqueue.checkpoint" --rejects "$DEMO_DIR/rejects.csv" "$CAMPAIGN"
+
+echo "== reset-worker preflight =="
+"$WORKER_BIN" preflight --config "$CONFIG" || log "preflight reported a FAIL (see above)"
 
 WORKER_LOG="$DEMO_DIR/worker.log"
 log "running the worker on $JOBS jobs (metrics on http://$METRICS_ADDR/metrics, log $WORKER_LOG)"
@@ -102,6 +111,8 @@ WORKER_PID=""
 
 echo "== worker log =="
 cat "$WORKER_LOG"
+echo "== reset-worker status =="
+"$WORKER_BIN" status --config "$CONFIG"
 echo "== summary =="
 echo "jobs in campaign:               $JOBS"
 echo "jobs accounted in metrics:      $accounted"

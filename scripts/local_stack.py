@@ -30,6 +30,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--endpoint", required=True, help="moto server URL, e.g. http://127.0.0.1:5000")
     p.add_argument("--campaign", type=Path, default=DEFAULT_CAMPAIGN, help="campaign JSONL file")
     p.add_argument("--fifo", action="store_true", help="create FIFO queues instead of standard ones")
+    p.add_argument(
+        "--no-enqueue",
+        action="store_true",
+        help="create users and queues only; load the campaign with `reset-worker enqueue`",
+    )
     return p.parse_args()
 
 
@@ -95,7 +100,7 @@ def main() -> int:
         },
     )["QueueUrl"]
 
-    for start in range(0, len(jobs), 10):
+    for start in range(0, 0 if args.no_enqueue else len(jobs), 10):
         entries = []
         for i, body in enumerate(jobs[start : start + 10], start=start):
             entry = {"Id": f"job{i}", "MessageBody": body}

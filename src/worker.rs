@@ -19,6 +19,9 @@ use crate::queue::{Deleter, MAX_BATCH, Queue, QueueError, ReceivedMessage};
 use crate::rate::RateLimiter;
 use crate::telemetry;
 
+/// Longest wait for more free permits before a receive.
+const MAX_FILL_WAIT_SECONDS: f64 = 1.0;
+
 /// Time left for the final delete flush after the in-flight grace period.
 const DELETE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -232,11 +235,28 @@ impl Worker {
                     Err(_) => break,
                 },
             };
+            // Gather more permits for a fuller receive, but only for as long
+            // as the rate cap would make those jobs wait anyway: a job that
+            // waits here waits in SQS, not on a received message's
+            // visibility. Under a low cap this turns one receive per job into
+            // one per batch.
+            let want = MAX_BATCH.min(self.concurrency);
+            let rate = shared.limiter.effective_rate().max(1.0);
+            let fill_until = tokio::time::Instant::now()
+                + Duration::from_secs_f64((want as f64 / rate).min(MAX_FILL_WAIT_SECONDS));
             let mut held: Vec<OwnedSemaphorePermit> = vec![first];
-            while held.len() < MAX_BATCH {
+            while held.len() < want {
                 match permits.clone().try_acquire_owned() {
                     Ok(p) => held.push(p),
-                    Err(_) => break,
+                    Err(_) => tokio::select! {
+                        biased;
+                        _ = shared.stop.cancelled() => break,
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => held.push(p),
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep_until(fill_until) => break,
+                    },
                 }
             }
             // Cancelling a long poll can, rarely, drop a response that SQS
