@@ -189,6 +189,22 @@ impl ResetJob {
             _ => None,
         };
         let text = inner.as_deref().unwrap_or(body);
+        // serde's derived structs also accept a JSON *array* of field values
+        // (`["alice@…", "campaign"]`), which would silently misassign
+        // fields. Only objects are jobs.
+        let shape: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| JobError::from_serde(&e))?;
+        let Some(object) = shape.as_object() else {
+            return Err(JobError::Shape("the job is not a JSON object".into()));
+        };
+        if object
+            .get("user_context_data")
+            .is_some_and(|v| !v.is_object() && !v.is_null())
+        {
+            return Err(JobError::Shape(
+                "`user_context_data` is not a JSON object".into(),
+            ));
+        }
         let raw: RawJob = serde_json::from_str(text).map_err(|e| JobError::from_serde(&e))?;
         Self::validate(raw)
     }
@@ -390,6 +406,11 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("not json", "invalid_json"),
             ("[]", "invalid_shape"),
+            (r#"["alice@example.com","c1"]"#, "invalid_shape"),
+            (
+                r#"{"username":"a","user_context_data":["1.2.3.4","x"]}"#,
+                "invalid_shape",
+            ),
             ("null", "invalid_shape"),
             (r#"{"user_name":"alice@example.com"}"#, "invalid_shape"),
             (
@@ -464,5 +485,68 @@ mod tests {
         assert_ne!(a.user_ref(&u), b.user_ref(&u));
         assert_eq!(a.user_ref(&u).len(), 16);
         assert!(!format!("{u:?}").contains("alice"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The parser never panics, whatever the bytes.
+        #[test]
+        fn never_panics_on_arbitrary_text(body in ".{0,512}") {
+            let _ = ResetJob::parse(&body);
+        }
+
+        /// Nor on JSON-shaped input, which reaches deeper code paths.
+        #[test]
+        fn never_panics_on_json_like_input(
+            username in proptest::option::of(".{0,200}"),
+            extra_key in "[a-z_]{1,12}",
+            meta in proptest::collection::btree_map(".{0,20}", ".{0,40}", 0..60),
+            ip in ".{0,40}",
+        ) {
+            let mut obj = serde_json::Map::new();
+            if let Some(u) = &username {
+                obj.insert("username".into(), u.clone().into());
+            }
+            obj.insert("client_metadata".into(), serde_json::to_value(&meta).unwrap());
+            obj.insert("user_context_data".into(), serde_json::json!({"ip_address": ip}));
+            if extra_key != "campaign_id" {
+                obj.insert(extra_key, 1.into());
+            }
+            let body = serde_json::Value::Object(obj).to_string();
+            let _ = ResetJob::parse(&body);
+            let envelope = serde_json::json!({"Type": "Notification", "Message": body}).to_string();
+            let _ = ResetJob::parse(&envelope);
+        }
+
+        /// Every accepted username obeys the documented rules, and valid ones
+        /// round-trip unchanged.
+        #[test]
+        fn accepted_usernames_obey_the_rules(username in "\\PC{1,140}") {
+            let body = serde_json::json!({"username": username}).to_string();
+            match ResetJob::parse(&body) {
+                Ok(job) => {
+                    let u = job.username.expose();
+                    prop_assert_eq!(u, username.as_str());
+                    prop_assert!(u.chars().count() <= MAX_USERNAME_CHARS);
+                    prop_assert!(!u.trim().is_empty());
+                    prop_assert!(!u.chars().any(char::is_control));
+                }
+                Err(err) => {
+                    prop_assert!(
+                        username.chars().count() > MAX_USERNAME_CHARS
+                            || username.trim().is_empty()
+                            || username.chars().any(char::is_control),
+                        "rejected a valid username: {}", err
+                    );
+                    // The error text never quotes the username.
+                    prop_assert!(username.len() < 4 || !err.to_string().contains(&username));
+                }
+            }
+        }
     }
 }

@@ -19,6 +19,9 @@ use crate::queue::{Deleter, MAX_BATCH, Queue, QueueError, ReceivedMessage};
 use crate::rate::RateLimiter;
 use crate::telemetry;
 
+/// On shutdown, how long an in-flight receive may still deliver messages.
+const RECEIVE_DRAIN: Duration = Duration::from_secs(2);
+
 /// Longest wait for more free permits before a receive.
 const MAX_FILL_WAIT_SECONDS: f64 = 1.0;
 
@@ -259,13 +262,27 @@ impl Worker {
                     },
                 }
             }
-            // Cancelling a long poll can, rarely, drop a response that SQS
-            // already sent; those messages reappear after their visibility
-            // timeout. Waiting up to 20 s instead would eat the grace period.
+            let receive = self
+                .queue
+                .receive(held.len(), self.wait, shared.settings.visibility);
+            tokio::pin!(receive);
+            let mut stopping = false;
             let received = tokio::select! {
                 biased;
-                _ = shared.stop.cancelled() => break,
-                r = self.queue.receive(held.len(), self.wait, shared.settings.visibility) => r,
+                r = &mut receive => r,
+                _ = shared.stop.cancelled() => {
+                    // A receive that found messages answers at once: wait a
+                    // moment for it, so those messages are released (their
+                    // tasks see the stop) instead of left invisible. An idle
+                    // long poll is dropped after that moment; only a message
+                    // arriving in that very instant then waits out its
+                    // visibility timeout.
+                    stopping = true;
+                    match tokio::time::timeout(RECEIVE_DRAIN, &mut receive).await {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                }
             };
             let messages = match received {
                 Ok(m) => {
@@ -284,7 +301,11 @@ impl Worker {
                     }
                 }
             };
-            if messages.is_empty() {
+            if stopping {
+                if messages.is_empty() {
+                    break;
+                }
+            } else if messages.is_empty() {
                 if let Some(limit) = options.until_empty_polls
                     && tasks.is_empty()
                 {
@@ -300,6 +321,9 @@ impl Worker {
             // Extra permits (fewer messages than asked for) drop here.
             for (msg, permit) in messages.into_iter().zip(held) {
                 tasks.spawn(job_task(shared.clone(), msg, permit));
+            }
+            if stopping {
+                break;
             }
         }
 
