@@ -87,3 +87,128 @@ async fn pause_invalid_edit_and_resume_through_the_config_file() {
     let mut worker = worker;
     assert_eq!(worker.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+/// Matches ForgotPassword calls whose SecretHash was made with `secret`.
+struct HashedWith {
+    secret: String,
+    client_id: String,
+}
+
+impl wiremock::Match for HashedWith {
+    fn matches(&self, request: &wiremock::Request) -> bool {
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+            return false;
+        };
+        let username = body["Username"].as_str().unwrap_or_default();
+        body["SecretHash"].as_str()
+            == Some(secret_hash(username, &self.client_id, &self.secret).as_str())
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_used_without_a_restart() {
+    use wiremock::matchers::{header, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stack = Stack::new(false, &[]).await;
+    let cognito = MockServer::start().await;
+    let ok = ResponseTemplate::new(200).set_body_raw(
+        r#"{"CodeDeliveryDetails":{"DeliveryMedium":"EMAIL"}}"#,
+        "application/x-amz-json-1.1",
+    );
+    for secret in ["old-secret", "new-secret"] {
+        Mock::given(method("POST"))
+            .and(header("x-amz-target", FORGOT_PASSWORD_TARGET))
+            .and(HashedWith {
+                secret: secret.into(),
+                client_id: stack.client_id.clone(),
+            })
+            .respond_with(ok.clone().insert_header("x-test-secret", secret))
+            .mount(&cognito)
+            .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reset-worker.toml");
+    write_limits(&config, "max_rps = 50");
+    let secret_file = dir.path().join("client-secret");
+    std::fs::write(&secret_file, "old-secret\n").unwrap();
+
+    let mut env: Vec<(String, String)> = stack_env(&stack)
+        .into_iter()
+        .filter(|(k, _)| k != "RESET_WORKER_COGNITO__CLIENT_SECRET")
+        .collect();
+    env.push((
+        "RESET_WORKER_COGNITO__CLIENT_SECRET_FILE".into(),
+        secret_file.to_str().unwrap().into(),
+    ));
+    env.push((
+        "AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER".into(),
+        cognito.uri(),
+    ));
+    let config_arg = config.to_str().unwrap().to_owned();
+    let worker = spawn_worker(&env, &["--config", &config_arg]);
+
+    send_jobs(&stack, &[r#"{"username":"first@example.com"}"#.to_string()]).await;
+    let sent = |n: f64| {
+        let worker = &worker;
+        move || async move {
+            metric_value(
+                &worker.metrics(),
+                "reset_worker_jobs_total",
+                &[("outcome", "sent")],
+            ) == n
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), sent(1.0)).await,
+        "{}",
+        worker.logs()
+    );
+
+    // Rotate the secret the way a Kubernetes Secret mount does.
+    let tmp = dir.path().join("client-secret.tmp");
+    std::fs::write(&tmp, "new-secret\n").unwrap();
+    std::fs::rename(&tmp, &secret_file).unwrap();
+    let reloaded = eventually(Duration::from_secs(10), || async {
+        worker.logs().contains("client secret reloaded")
+    })
+    .await;
+    assert!(reloaded, "{}", worker.logs());
+    send_jobs(
+        &stack,
+        &[r#"{"username":"second@example.com"}"#.to_string()],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(30), sent(2.0)).await,
+        "{}",
+        worker.logs()
+    );
+
+    let requests = cognito.received_requests().await.unwrap();
+    let hashes: Vec<(String, String)> = requests
+        .iter()
+        .map(|r| {
+            let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            (
+                b["Username"].as_str().unwrap().to_owned(),
+                b["SecretHash"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(hashes.len(), 2, "no call was refused");
+    assert_eq!(
+        hashes[0].1,
+        secret_hash("first@example.com", &stack.client_id, "old-secret")
+    );
+    assert_eq!(
+        hashes[1].1,
+        secret_hash("second@example.com", &stack.client_id, "new-secret")
+    );
+    let logs = worker.logs();
+    assert!(!logs.contains("old-secret") && !logs.contains("new-secret"));
+
+    worker.sigterm();
+    let mut worker = worker;
+    assert_eq!(worker.wait_exit(Duration::from_secs(20)), Some(0));
+}
