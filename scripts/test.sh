@@ -31,6 +31,15 @@ cargo fmt --check
 
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+./scripts/check-deploy.sh # deploy/: kustomize, schemas, lint, config, metric names
+
+# Supply chain: licenses, sources and banned (unmaintained) crates, offline.
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  log "installing cargo-deny (cargo install --locked; a few minutes, once per machine)"
+  cargo install --locked cargo-deny
+fi
+log "cargo deny --offline check bans licenses sources"
+cargo deny --offline check bans licenses sources
 
 start_moto "$(free_port)"
 # Not RESET_WORKER_*: the worker's config loader reads every variable with that
