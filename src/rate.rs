@@ -20,18 +20,18 @@
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter as Gcra};
 use tokio::sync::watch;
 
 use crate::telemetry;
 
-/// Multiplicative decrease on throttling.
-const DECREASE_FACTOR: f64 = 0.8;
-/// At most one decrease per this interval: a burst of throttled answers to
-/// calls that were all in flight at once is one congestion signal, not many.
-const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+/// Multiplicative decrease on throttling. Gentle, because cuts come once per
+/// round trip (see [`Aimd::throttled`]): a steep descent from far above the
+/// available rate still takes only a handful of round trips, and near it the
+/// sawtooth stays within 15 % of the available rate.
+const DECREASE_FACTOR: f64 = 0.85;
 /// Additive increase per second, as a share of `max_rps` (at least 0.5/s):
 /// back to full speed in about 10 s after a single decrease.
 const INCREASE_SHARE_PER_SECOND: f64 = 0.02;
@@ -80,12 +80,13 @@ impl Aimd {
         self.effective
     }
 
-    /// A throttled answer at `now`. Returns true when the rate was cut.
-    pub fn throttled(&mut self, now: Instant) -> bool {
-        if self
-            .last_decrease
-            .is_some_and(|t| now.saturating_duration_since(t) < DECREASE_COOLDOWN)
-        {
+    /// A throttled answer at `now` to a call that started at `call_started`.
+    /// Returns true when the rate was cut. A call that was already in flight
+    /// at the last cut reports congestion that cut already answered, so it
+    /// is ignored: at most one cut per round trip, however many calls were
+    /// in flight together.
+    pub fn throttled(&mut self, now: Instant, call_started: Instant) -> bool {
+        if self.last_decrease.is_some_and(|t| call_started < t) {
             return false;
         }
         let current = self.rate(now);
@@ -167,10 +168,11 @@ impl RateLimiter {
         self.limits.send_replace(limits);
     }
 
-    /// Tells the limiter Cognito answered TooManyRequestsException.
-    pub fn on_throttled(&self) {
+    /// Tells the limiter Cognito answered TooManyRequestsException to a call
+    /// that started at `call_started`.
+    pub fn on_throttled(&self, call_started: Instant) {
         self.with_adaptive(|a| {
-            if a.aimd.throttled(Instant::now()) {
+            if a.aimd.throttled(Instant::now(), call_started) {
                 tracing::info!(
                     effective_rps = format!("{:.1}", a.aimd.effective),
                     "throttled by Cognito; slowing down"
@@ -215,10 +217,20 @@ impl RateLimiter {
                 return Err(Paused);
             }
             let hard = self.hard.read().ok().and_then(|h| h.clone());
-            let gate = self.with_adaptive(|a| a.gate.clone());
             let wait = async {
-                if let Some(gate) = gate {
+                // Wait on the adaptive gate until the gate we passed is still
+                // the current one: a task that waited on a gate replaced
+                // meanwhile (a cut, or recovery) would otherwise pass at the
+                // old rate alongside the new gate's traffic.
+                loop {
+                    let Some(gate) = self.with_adaptive(|a| a.gate.clone()) else {
+                        break;
+                    };
                     gate.until_ready().await;
+                    let current = self.with_adaptive(|a| a.gate.clone());
+                    if current.is_some_and(|c| Arc::ptr_eq(&c, &gate)) {
+                        break;
+                    }
                 }
                 if let Some(hard) = hard {
                     hard.until_ready().await;
@@ -245,24 +257,27 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
-    fn aimd_cuts_once_per_cooldown_and_recovers_additively() {
+    fn aimd_cuts_once_per_round_trip_and_recovers_additively() {
         let t0 = Instant::now();
         let mut aimd = Aimd::new(100, t0);
         assert_eq!(aimd.rate(t0), 100.0);
 
-        assert!(aimd.throttled(t0));
-        assert!((aimd.rate(t0) - 80.0).abs() < 1e-9);
-        // A burst of throttled answers within the cooldown is one signal.
-        assert!(!aimd.throttled(t0 + Duration::from_millis(500)));
-        assert!(aimd.rate(t0 + Duration::from_millis(500)) < 81.5);
+        assert!(aimd.throttled(t0, t0));
+        assert!((aimd.rate(t0) - 85.0).abs() < 1e-9);
+        // Answers to calls that were in flight at the cut are the same
+        // congestion signal: no second cut.
+        let ms = Duration::from_millis;
+        assert!(!aimd.throttled(t0 + ms(50), t0 - ms(10)));
+        assert!(aimd.rate(t0 + ms(50)) < 85.5);
 
-        // Two more cuts, a second apart each.
-        assert!(aimd.throttled(t0 + Duration::from_secs(1)));
-        assert!(aimd.throttled(t0 + Duration::from_secs(2)));
+        // A call started after the cut and still throttled: cut again.
+        assert!(aimd.throttled(t0 + ms(100), t0 + ms(60)));
+        assert!(aimd.throttled(t0 + ms(2000), t0 + ms(1900)));
         let low = aimd.rate(t0 + Duration::from_secs(2));
-        assert!(low < 56.0, "{low}");
+        assert!((low - 64.787).abs() < 0.01, "{low}");
 
         // +2/s (2 % of 100): not instant, but full speed within ~25 s.
         let after_5s = aimd.rate(t0 + Duration::from_secs(7));
@@ -273,19 +288,21 @@ mod tests {
     #[test]
     fn aimd_never_goes_below_the_floor_or_above_max() {
         let t0 = Instant::now();
-        // Throttled every second, the rate settles where the decrease and
-        // one second of recovery balance: x = (x + 0.5) * 0.8, i.e. 2.
+        // Throttled every second, recovery (+0.5/s) hits the maximum of 3
+        // before each cut: the rate cycles 3 -> 2.55.
         let mut aimd = Aimd::new(3, t0);
-        for i in 0..30 {
-            aimd.throttled(t0 + Duration::from_secs(i));
+        for i in 0..40 {
+            let now = t0 + Duration::from_secs(i);
+            aimd.throttled(now, now);
         }
-        let settled = aimd.rate(t0 + Duration::from_secs(29));
-        assert!((settled - 2.0).abs() < 0.01, "{settled}");
+        let settled = aimd.rate(t0 + Duration::from_secs(39));
+        assert!((settled - 2.55).abs() < 0.01, "{settled}");
         // Lowering the maximum caps the effective rate at once.
         aimd.set_max(1, t0 + Duration::from_secs(30));
         assert_eq!(aimd.rate(t0 + Duration::from_secs(30)), 1.0);
         // At 1/s the floor holds.
-        aimd.throttled(t0 + Duration::from_secs(31));
+        let now = t0 + Duration::from_secs(31);
+        aimd.throttled(now, now);
         assert_eq!(aimd.rate(t0 + Duration::from_secs(31)), 1.0);
         assert_eq!(aimd.rate(t0 + Duration::from_secs(99)), 1.0);
     }
@@ -333,11 +350,11 @@ mod tests {
             max_rps: 50,
             burst: 1,
         });
-        limiter.on_throttled();
+        limiter.on_throttled(Instant::now());
         let rate = limiter.effective_rate();
-        assert!((39.0..=41.0).contains(&rate), "{rate}");
+        assert!((42.0..=43.0).contains(&rate), "{rate}");
         assert!(limiter.with_adaptive(|a| a.gate.is_some()));
-        assert_eq!(limiter.with_adaptive(|a| a.gate_rate), Some(40));
+        assert_eq!(limiter.with_adaptive(|a| a.gate_rate), Some(42));
     }
 
     #[tokio::test]

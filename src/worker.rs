@@ -505,6 +505,7 @@ async fn call_until_decided(
         decided.attempts += 1;
         // Not cancellable: once sent, the call's result must be applied, or
         // a sent email could be followed by a redelivery and a second one.
+        let call_started = std::time::Instant::now();
         let err = match shared.cognito.reset(job).await {
             Ok(delivery) => {
                 decided.outcome = Outcome::Sent {
@@ -516,7 +517,7 @@ async fn call_until_decided(
         };
         decided.last_error = Some(err.code);
         if err.code == ErrorCode::TooManyRequests {
-            shared.limiter.on_throttled();
+            shared.limiter.on_throttled(call_started);
         }
         let give_up = match classify(&err) {
             Class::Retryable => {

@@ -809,3 +809,5 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+pub mod fake_aws;
+pub mod proxy;

@@ -1,0 +1,336 @@
+//! Checks the in-process fake of SQS + Cognito (tests/support/fake_aws.rs)
+//! that the benchmark (tests/bench_rate.rs) runs against: its wire format
+//! through the real AWS SDK clients, and the real worker binary draining a
+//! queue through it. No moto, loopback only, a few seconds.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use support::fake_aws::{
+    DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE, SqsOp, md5_hex, run_worker,
+};
+
+#[test]
+fn md5_matches_rfc1321_test_suite() {
+    for (input, digest) in [
+        ("", "d41d8cd98f00b204e9800998ecf8427e"),
+        ("a", "0cc175b9c0f1b6a831c399e269772661"),
+        ("abc", "900150983cd24fb0d6963f7d28e17f72"),
+        ("message digest", "f96b697d7cb7938d525a2f31aaf161d0"),
+        (
+            "abcdefghijklmnopqrstuvwxyz",
+            "c3fcd3d76192e4007dfb496cca67e13b",
+        ),
+        (
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+            "d174ab98d277d9f5a5611c2c9f419d9f",
+        ),
+        (
+            "12345678901234567890123456789012345678901234567890123456789012345678901234567890",
+            "57edf4a22be3c955ac49da2e2107b67a",
+        ),
+    ] {
+        assert_eq!(md5_hex(input.as_bytes()), digest, "MD5({input:?})");
+    }
+}
+
+#[tokio::test]
+async fn sqs_sdk_round_trip_through_the_fake() {
+    let fake = FakeAws::start(FakeConfig::default());
+    let sqs = support::sqs_client(&fake.url()).await;
+    let url = fake.queue_url();
+
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .expect("GetQueueAttributes")
+        .attributes
+        .unwrap_or_default();
+    assert_eq!(
+        attrs.get(&QueueAttributeName::QueueArn).map(String::as_str),
+        Some("arn:aws:sqs:us-east-1:123456789012:bench")
+    );
+    assert!(attrs.contains_key(&QueueAttributeName::RedrivePolicy));
+    let missing = sqs
+        .get_queue_attributes()
+        .queue_url(format!("{}/123456789012/nope", fake.url()))
+        .send()
+        .await
+        .expect_err("unknown queue");
+    assert!(
+        missing.into_service_error().is_queue_does_not_exist(),
+        "unknown queue maps to QueueDoesNotExist"
+    );
+
+    let mut batch = sqs.send_message_batch().queue_url(&url);
+    for i in 0..3 {
+        batch = batch.entries(
+            SendMessageBatchRequestEntry::builder()
+                .id(format!("e{i}"))
+                .message_body(format!("body {i}"))
+                .build()
+                .expect("entry"),
+        );
+    }
+    let sent = batch.send().await.expect("SendMessageBatch");
+    assert_eq!(sent.successful.len(), 3);
+    assert_eq!(sent.successful[0].md5_of_message_body, md5_hex(b"body 0"));
+
+    let received = sqs
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .visibility_timeout(30)
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+        .send()
+        .await
+        .expect("ReceiveMessage")
+        .messages
+        .unwrap_or_default();
+    assert_eq!(received.len(), 3);
+    for m in &received {
+        let body = m.body.as_deref().expect("body");
+        assert_eq!(
+            m.md5_of_body.as_deref(),
+            Some(md5_hex(body.as_bytes()).as_str())
+        );
+        let sys = m.attributes.as_ref().expect("system attributes");
+        assert_eq!(
+            sys.get(&MessageSystemAttributeName::ApproximateReceiveCount)
+                .map(String::as_str),
+            Some("1")
+        );
+        assert!(sys.contains_key(&MessageSystemAttributeName::SentTimestamp));
+    }
+    assert_eq!(fake.queue_counts(MAIN_QUEUE), (0, 3));
+
+    // Release one at once: it is received again with receive count 2.
+    let first = received[0].receipt_handle.clone().expect("receipt");
+    sqs.change_message_visibility()
+        .queue_url(&url)
+        .receipt_handle(&first)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("ChangeMessageVisibility");
+    let again = sqs
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .message_system_attribute_names(MessageSystemAttributeName::All)
+        .send()
+        .await
+        .expect("ReceiveMessage again")
+        .messages
+        .unwrap_or_default();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        again[0].attributes.as_ref().and_then(|a| a
+            .get(&MessageSystemAttributeName::ApproximateReceiveCount)
+            .cloned()),
+        Some("2".to_string())
+    );
+
+    // Delete all three: the outdated receipt of the first "succeeds" without
+    // deleting, as in SQS; the current one deletes it.
+    let mut delete = sqs.delete_message_batch().queue_url(&url);
+    let handles = [
+        first.clone(),
+        received[1].receipt_handle.clone().expect("receipt"),
+        received[2].receipt_handle.clone().expect("receipt"),
+        again[0].receipt_handle.clone().expect("receipt"),
+    ];
+    for (i, h) in handles.iter().enumerate() {
+        delete = delete.entries(
+            DeleteMessageBatchRequestEntry::builder()
+                .id(format!("d{i}"))
+                .receipt_handle(h)
+                .build()
+                .expect("entry"),
+        );
+    }
+    let deleted = delete.send().await.expect("DeleteMessageBatch");
+    assert_eq!(deleted.successful.len(), 4);
+    assert!(deleted.failed.is_empty());
+    assert_eq!(fake.queue_depth(), 0);
+    let stats = fake.sqs_stats();
+    assert_eq!(stats.messages_deleted, 3);
+    assert_eq!(stats.stale_deletes, 1);
+    assert_eq!(stats.redeliveries, 1);
+    assert_eq!(fake.sqs_requests(SqsOp::ReceiveMessage), 2);
+    assert_eq!(fake.sqs_requests(SqsOp::DeleteMessageBatch), 1);
+    assert_eq!(fake.unknown_operations(), 0);
+
+    // A long poll on an empty queue waits, then answers with no messages.
+    let started = std::time::Instant::now();
+    let empty = sqs
+        .receive_message()
+        .queue_url(&url)
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .expect("empty ReceiveMessage");
+    assert!(empty.messages.unwrap_or_default().is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(fake.sqs_stats().empty_receives, 1);
+}
+
+#[tokio::test]
+async fn delete_failures_and_redrive_are_injected() {
+    let fake = FakeAws::start(FakeConfig {
+        delete_failure_fraction: 1.0,
+        max_receive_count: 1,
+        ..FakeConfig::default()
+    });
+    let sqs = support::sqs_client(&fake.url()).await;
+    let url = fake.queue_url();
+    fake.enqueue(["one"]);
+    let m = sqs
+        .receive_message()
+        .queue_url(&url)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("ReceiveMessage")
+        .messages
+        .unwrap_or_default();
+    assert_eq!(m.len(), 1);
+    let out = sqs
+        .delete_message_batch()
+        .queue_url(&url)
+        .entries(
+            DeleteMessageBatchRequestEntry::builder()
+                .id("x")
+                .receipt_handle(m[0].receipt_handle.clone().expect("receipt"))
+                .build()
+                .expect("entry"),
+        )
+        .send()
+        .await
+        .expect("DeleteMessageBatch");
+    assert_eq!(out.failed.len(), 1);
+    assert_eq!(out.failed[0].code, "InternalError");
+    assert!(!out.failed[0].sender_fault);
+    // Received once already (the limit): the next receive moves it to the DLQ.
+    let none = sqs
+        .receive_message()
+        .queue_url(&url)
+        .send()
+        .await
+        .expect("ReceiveMessage");
+    assert!(none.messages.unwrap_or_default().is_empty());
+    assert_eq!(fake.queue_depth(), 0);
+    assert_eq!(fake.queue_counts(DEAD_LETTER_QUEUE), (1, 0));
+}
+
+#[tokio::test]
+async fn cognito_sdk_sees_delivery_and_throttling() {
+    use aws_sdk_cognitoidentityprovider::types::DeliveryMediumType;
+    // A bucket of 1 that hardly refills: the first call passes, the second
+    // is throttled (SDK retries off, as in the worker).
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::ZERO,
+        throttle: Some((0.001, 1.0)),
+        ..FakeConfig::default()
+    });
+    let cognito = aws_sdk_cognitoidentityprovider::Client::from_conf(
+        support::cognito_client(&fake.url())
+            .await
+            .config()
+            .to_builder()
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    let ok = cognito
+        .forgot_password()
+        .client_id("bench")
+        .username("alice@example.com")
+        .send()
+        .await
+        .expect("ForgotPassword");
+    let details = ok.code_delivery_details.expect("CodeDeliveryDetails");
+    assert_eq!(details.delivery_medium, Some(DeliveryMediumType::Email));
+    assert_eq!(details.attribute_name.as_deref(), Some("email"));
+    assert_eq!(details.destination.as_deref(), Some("x***@e***"));
+
+    let err = cognito
+        .forgot_password()
+        .client_id("bench")
+        .username("bob@example.com")
+        .send()
+        .await
+        .expect_err("throttled");
+    assert!(
+        err.into_service_error().is_too_many_requests_exception(),
+        "TooManyRequestsException"
+    );
+    assert_eq!(fake.accepted_usernames(), vec!["alice@example.com"]);
+    assert_eq!(fake.accepted_call_times().len(), 1);
+    assert_eq!(fake.throttled_count(), 1);
+
+    // An operation the fake does not implement.
+    let unknown = cognito
+        .admin_get_user()
+        .user_pool_id("us-east-1_x")
+        .username("alice")
+        .send()
+        .await
+        .expect_err("unknown operation");
+    assert_eq!(
+        aws_sdk_cognitoidentityprovider::error::ProvideErrorMetadata::code(&unknown),
+        Some("UnknownOperationException")
+    );
+    assert_eq!(fake.unknown_operations(), 1);
+}
+
+#[test]
+fn worker_binary_drains_fifty_jobs_through_the_fake() {
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::from_millis(2),
+        ..FakeConfig::default()
+    });
+    let users: Vec<String> = (0..50).map(|i| format!("user{i}@example.com")).collect();
+    fake.enqueue(
+        users
+            .iter()
+            .map(|u| serde_json::json!({"username": u, "campaign_id": "selfcheck"}).to_string()),
+    );
+    let run = run_worker(
+        &fake,
+        &[
+            ("RESET_WORKER_LIMITS__MAX_RPS", "1000"),
+            ("RESET_WORKER_LIMITS__BURST", "100"),
+            ("RESET_WORKER_LIMITS__CONCURRENCY", "16"),
+        ],
+        &["--until-empty", "--empty-polls", "1"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(run.exit_code, Some(0), "worker log:\n{}", run.log);
+    let called = fake.accepted_usernames();
+    assert_eq!(called.len(), 50, "worker log:\n{}", run.log);
+    let distinct: BTreeSet<&str> = called.iter().map(String::as_str).collect();
+    assert_eq!(distinct, users.iter().map(String::as_str).collect());
+    assert_eq!(fake.throttled_count(), 0);
+    assert_eq!(fake.queue_depth(), 0, "queue not empty");
+    assert_eq!(fake.unknown_operations(), 0);
+    assert_eq!(fake.cognito_rejected_count(), 0);
+    assert_eq!(
+        run.summary_field("sent"),
+        Some(50),
+        "worker log:\n{}",
+        run.log
+    );
+    assert!(run.peak_rss_kib > 0 && !run.cpu.is_zero(), "{run:?}");
+}
