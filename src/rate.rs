@@ -32,6 +32,11 @@ use crate::telemetry;
 /// available rate still takes only a handful of round trips, and near it the
 /// sawtooth stays within 15 % of the available rate.
 const DECREASE_FACTOR: f64 = 0.85;
+/// A steeper cut when the previous one was less than
+/// [`STEEP_WITHIN`] ago: throttling that persists across round trips means
+/// the rate is still far above what is available, so descend faster.
+const STEEP_DECREASE_FACTOR: f64 = 0.7;
+const STEEP_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
 /// Additive increase per second, as a share of `max_rps` (at least 0.5/s):
 /// back to full speed in about 10 s after a single decrease.
 const INCREASE_SHARE_PER_SECOND: f64 = 0.02;
@@ -90,7 +95,11 @@ impl Aimd {
             return false;
         }
         let current = self.rate(now);
-        self.effective = (current * DECREASE_FACTOR).max(MIN_RATE.min(self.max));
+        let factor = match self.last_decrease {
+            Some(t) if now.saturating_duration_since(t) < STEEP_WITHIN => STEEP_DECREASE_FACTOR,
+            _ => DECREASE_FACTOR,
+        };
+        self.effective = (current * factor).max(MIN_RATE.min(self.max));
         self.last_decrease = Some(now);
         true
     }
@@ -273,11 +282,13 @@ mod tests {
         assert!(!aimd.throttled(t0 + ms(50), t0 - ms(10)));
         assert!(aimd.rate(t0 + ms(50)) < 85.5);
 
-        // A call started after the cut and still throttled: cut again.
+        // A call started after the cut and still throttled: cut again,
+        // steeply (×0.7) since the last cut was under 500 ms ago; a second
+        // later, gently (×0.85) again.
         assert!(aimd.throttled(t0 + ms(100), t0 + ms(60)));
         assert!(aimd.throttled(t0 + ms(2000), t0 + ms(1900)));
         let low = aimd.rate(t0 + Duration::from_secs(2));
-        assert!((low - 64.787).abs() < 0.01, "{low}");
+        assert!((low - 53.924).abs() < 0.01, "{low}");
 
         // +2/s (2 % of 100): not instant, but full speed within ~25 s.
         let after_5s = aimd.rate(t0 + Duration::from_secs(7));
