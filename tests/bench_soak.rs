@@ -3,7 +3,8 @@
 //!
 //!   cargo test --release --test bench_soak -- --ignored --nocapture
 //!
-//! `SOAK_JOBS` changes the job count.
+//! `SOAK_JOBS` changes the job count; `SOAK_DEDUP_WINDOW=0` turns duplicate
+//! suppression off, to tell its (bounded) memory from the rest.
 
 mod support;
 
@@ -65,6 +66,11 @@ fn soak_100k_jobs_rss_stays_flat() {
             format!("127.0.0.1:{}", free_port()),
         )
         .env("RUST_LOG", "warn")
+        .envs(
+            std::env::var("SOAK_DEDUP_WINDOW")
+                .ok()
+                .map(|w| ("RESET_WORKER_DEDUP__WINDOW_SECONDS", w)),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
