@@ -70,7 +70,7 @@ fn sigkill_mid_run_then_restart_completes_every_job() {
     let duplicates: usize = per_user.values().map(|n| n - 1).sum();
     eprintln!(
         "SIGKILL after {at_kill} calls: {JOBS} users, {} calls, {duplicates} duplicates \
-         (calls that succeeded before their delete was flushed)",
+         (calls in flight at the kill, or awaiting their delete)",
         JOBS + duplicates
     );
     // Only calls in flight or awaiting their delete flush at the kill can
