@@ -241,21 +241,8 @@ impl Cognito {
         if !metadata.is_empty() {
             request = request.set_client_metadata(Some(metadata));
         }
-        let started = Instant::now();
-        let result = request.send().await;
-        let elapsed = started.elapsed();
-        match result {
-            Ok(_) => {
-                telemetry::cognito_request(Ok(()), elapsed);
-                Ok(Delivery { medium: "none" })
-            }
-            Err(err) => {
-                let status = err.raw_response().map(|r| r.status().as_u16());
-                let call_error = CallError::from_sdk(&err, status);
-                telemetry::cognito_request(Err(call_error.code), elapsed);
-                Err(call_error)
-            }
-        }
+        timed(request.send()).await?;
+        Ok(Delivery { medium: "none" })
     }
 
     async fn forgot_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
@@ -295,29 +282,46 @@ impl Cognito {
             );
         }
 
-        let started = Instant::now();
-        let result = request.send().await;
-        let elapsed = started.elapsed();
-        match result {
-            Ok(out) => {
-                let medium = out
-                    .code_delivery_details()
-                    .and_then(|d| d.delivery_medium())
-                    .map(|m| match m.as_str() {
-                        "EMAIL" => "EMAIL",
-                        "SMS" => "SMS",
-                        _ => "other",
-                    })
-                    .unwrap_or("none");
-                telemetry::cognito_request(Ok(()), elapsed);
-                Ok(Delivery { medium })
-            }
-            Err(err) => {
-                let status = err.raw_response().map(|r| r.status().as_u16());
-                let call_error = CallError::from_sdk(&err, status);
-                telemetry::cognito_request(Err(call_error.code), elapsed);
-                Err(call_error)
-            }
+        let out = timed(request.send()).await?;
+        let medium = out
+            .code_delivery_details()
+            .and_then(|d| d.delivery_medium())
+            .map(|m| match m.as_str() {
+                "EMAIL" => "EMAIL",
+                "SMS" => "SMS",
+                _ => "other",
+            })
+            .unwrap_or("none");
+        Ok(Delivery { medium })
+    }
+}
+
+/// Sends one call, records its metrics, and turns an SDK error into a
+/// [`CallError`].
+async fn timed<T, E>(
+    send: impl Future<
+        Output = Result<
+            T,
+            SdkError<E, aws_sdk_cognitoidentityprovider::config::http::HttpResponse>,
+        >,
+    >,
+) -> Result<T, CallError>
+where
+    E: ProvideErrorMetadata,
+{
+    let started = Instant::now();
+    let result = send.await;
+    let elapsed = started.elapsed();
+    match result {
+        Ok(out) => {
+            telemetry::cognito_request(Ok(()), elapsed);
+            Ok(out)
+        }
+        Err(err) => {
+            let status = err.raw_response().map(|r| r.status().as_u16());
+            let call_error = CallError::from_sdk(&err, status);
+            telemetry::cognito_request(Err(call_error.code), elapsed);
+            Err(call_error)
         }
     }
 }
