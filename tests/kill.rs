@@ -78,3 +78,38 @@ fn sigkill_mid_run_then_restart_completes_every_job() {
     assert!(duplicates <= 32 + 40, "{duplicates} duplicates");
     assert_eq!(fake.queue_depth(), 0, "queue drained");
 }
+
+#[test]
+fn failed_deletes_are_retried_and_cause_no_second_send() {
+    const N: usize = 120;
+    let fake = FakeAws::start(FakeConfig {
+        // Almost a third of DeleteMessageBatch entries come back `Failed`.
+        delete_failure_fraction: 0.3,
+        ..FakeConfig::default()
+    });
+    fake.enqueue((0..N).map(|i| format!(r#"{{"username":"del{i}@example.com"}}"#)));
+    let run = run_worker(
+        &fake,
+        &[
+            ("RESET_WORKER_LIMITS__MAX_RPS", "500"),
+            ("RESET_WORKER_LIMITS__BURST", "50"),
+            ("RESET_WORKER_SQS__DELETE_FLUSH_INTERVAL_MS", "50"),
+        ],
+        &["--until-empty"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.exit_code, Some(0), "{}", run.log);
+    let stats = fake.sqs_stats();
+    assert!(stats.injected_delete_failures > 0, "the fault was injected");
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for u in fake.accepted_usernames() {
+        *per_user.entry(u).or_insert(0) += 1;
+    }
+    assert_eq!(per_user.len(), N);
+    assert!(
+        per_user.values().all(|&n| n == 1),
+        "a failed delete led to a second send"
+    );
+    assert_eq!(fake.queue_depth(), 0, "every message was finally deleted");
+    assert_eq!(stats.redeliveries, 0);
+}
