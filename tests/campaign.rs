@@ -417,3 +417,29 @@ async fn a_redelivered_job_is_not_sent_twice() {
     assert_eq!(logs.matches(r#""reason":"duplicate""#).count(), 1, "{logs}");
     assert_eq!(queue_counts(&stack.sqs, &stack.queue_url).await, (0, 0));
 }
+
+#[tokio::test]
+async fn config_shows_every_value_with_its_source_and_redacts_secrets() {
+    let stack = Stack::new(false, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[limits]\nmax_rps = 7\n").unwrap();
+    let (code, out, err) = cli(
+        &stack,
+        &[("RESET_WORKER_LIMITS__BURST", "3")],
+        &["config", "--config", file.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing:\n{out}"))
+            .to_owned()
+    };
+    assert!(line("limits.max_rps").contains("= 7") && line("limits.max_rps").contains("TOML file"));
+    assert!(line("limits.burst").contains("= 3") && line("limits.burst").contains("RESET_WORKER_"));
+    assert!(line("limits.concurrency").ends_with("# default"));
+    assert!(line("cognito.client_secret").contains("[redacted]"));
+    assert!(!out.contains(&stack.client_secret), "secret printed");
+}
