@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
@@ -355,6 +356,10 @@ pub struct Deleter {
     /// Unbounded, because producers are already bounded by the concurrency
     /// permits, and a job must never block on bookkeeping after its outcome.
     tx: mpsc::UnboundedSender<PendingDelete>,
+    /// Messages handed over whose delete is not finished (done or given up).
+    /// `run --until-empty` must not call the queue drained while deletes are
+    /// pending: on a FIFO queue they still block their message groups.
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl Deleter {
@@ -366,8 +371,20 @@ impl Deleter {
     ) -> (Self, JoinHandle<()>, CancellationToken) {
         let (tx, rx) = mpsc::unbounded_channel();
         let close = CancellationToken::new();
-        let handle = tokio::spawn(run_deleter(queue, rx, flush_interval, close.clone()));
-        (Self { tx }, handle, close)
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let handle = tokio::spawn(run_deleter(
+            queue,
+            rx,
+            flush_interval,
+            close.clone(),
+            outstanding.clone(),
+        ));
+        (Self { tx, outstanding }, handle, close)
+    }
+
+    /// Deletes handed over and not yet finished.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::SeqCst)
     }
 
     pub fn delete(&self, msg: &ReceivedMessage) {
@@ -376,7 +393,9 @@ impl Deleter {
             receipt_handle: msg.receipt_handle.clone(),
             attempts: 0,
         };
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(pending).is_err() {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
             // Only possible if the batcher task panicked; the message will be
             // redelivered, so say so.
             telemetry::delete_failed(1);
@@ -390,6 +409,7 @@ async fn run_deleter(
     mut rx: mpsc::UnboundedReceiver<PendingDelete>,
     flush_interval: Duration,
     close: CancellationToken,
+    outstanding: Arc<AtomicUsize>,
 ) {
     let mut pending: Vec<PendingDelete> = Vec::new();
     let mut oldest: Option<Instant> = None;
@@ -426,6 +446,7 @@ async fn run_deleter(
         }
         let take = pending.len().min(MAX_BATCH);
         let batch: Vec<PendingDelete> = pending.drain(..take).collect();
+        let waiting_before = pending.len();
         match queue.delete_batch(&batch).await {
             Ok(failed) => {
                 failure_pause = Duration::ZERO;
@@ -457,6 +478,9 @@ async fn run_deleter(
                 }
             }
         }
+        // Entries not put back are finished: deleted, or given up on.
+        let requeued = pending.len() - waiting_before;
+        outstanding.fetch_sub(take - requeued, Ordering::SeqCst);
         oldest = (!pending.is_empty()).then(Instant::now);
     }
 }

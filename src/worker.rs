@@ -148,7 +148,7 @@ impl Worker {
             health,
             concurrency: settings.limits.concurrency,
             wait: Duration::from_secs(settings.sqs.wait_time_seconds),
-            flush_interval: Duration::from_millis(settings.sqs.delete_flush_interval_ms),
+            flush_interval: delete_flush_interval(settings),
             grace: Duration::from_secs(settings.shutdown.grace_seconds),
             job: JobSettings {
                 visibility: settings.visibility_timeout(),
@@ -308,6 +308,7 @@ impl Worker {
             } else if messages.is_empty() {
                 if let Some(limit) = options.until_empty_polls
                     && tasks.is_empty()
+                    && shared.deleter.outstanding() == 0
                 {
                     empty_polls += 1;
                     if empty_polls >= limit {
@@ -366,6 +367,20 @@ impl Worker {
         }
     }
 }
+
+/// On a FIFO queue the next message of a group is not delivered until the
+/// previous one is deleted, so waiting for a fuller delete batch would stall
+/// every group: flush within 50 ms there.
+fn delete_flush_interval(settings: &Settings) -> Duration {
+    let configured = Duration::from_millis(settings.sqs.delete_flush_interval_ms);
+    if settings.sqs.queue_url.ends_with(".fifo") {
+        configured.min(FIFO_DELETE_FLUSH)
+    } else {
+        configured
+    }
+}
+
+const FIFO_DELETE_FLUSH: Duration = Duration::from_millis(50);
 
 /// Backoff for a failing ReceiveMessage: 1 s doubling to 30 s, full jitter.
 fn new_receive_backoff() -> Backoff {
