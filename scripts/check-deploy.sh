@@ -119,14 +119,6 @@ start_moto "$(free_port)"
 stack_exports="$("$PY" scripts/local_stack.py --endpoint "$MOTO_URL" --campaign config/sample-campaign.jsonl)"
 eval "$stack_exports"
 export LOCAL_JOB_COUNT
-export AWS_ENDPOINT_URL_SQS="$MOTO_URL"
-export AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER="$MOTO_URL"
-export AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=test
-export AWS_SECRET_ACCESS_KEY=test
-export AWS_EC2_METADATA_DISABLED=true
-RESET_WORKER_METRICS__LISTEN="127.0.0.1:$(free_port)"
-export RESET_WORKER_METRICS__LISTEN
-export RESET_WORKER_SQS__WAIT_TIME_SECONDS=1
+export_local_aws_env "$MOTO_URL" "127.0.0.1:$(free_port)"
 "$PY" scripts/check_deploy.py live "$RENDER_DIR" "$WORKER_BIN"
 log "config and live checks took $((SECONDS - t)) s"

@@ -105,3 +105,17 @@ for line in sys.stdin:
 print(n)
 '
 }
+
+# Points the worker (and the AWS SDK) at the local moto: dummy credentials,
+# no instance metadata, the metrics listener on METRICS_ADDR, short long polls.
+export_local_aws_env() {
+  local moto_url="$1" metrics_addr="$2"
+  export AWS_ENDPOINT_URL_SQS="$moto_url"
+  export AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER="$moto_url"
+  export AWS_REGION=us-east-1
+  export AWS_ACCESS_KEY_ID=test
+  export AWS_SECRET_ACCESS_KEY=test
+  export AWS_EC2_METADATA_DISABLED=true
+  export RESET_WORKER_METRICS__LISTEN="$metrics_addr"
+  export RESET_WORKER_SQS__WAIT_TIME_SECONDS=1
+}

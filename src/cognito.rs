@@ -217,6 +217,13 @@ impl Cognito {
         self.client_secret.clone()
     }
 
+    /// `ClientMetadata` for a job: campaign defaults overridden by the job's
+    /// own values; `None` when empty, so the field is left out.
+    fn client_metadata(&self, job: &ResetJob) -> Option<HashMap<String, String>> {
+        let merged = job.merged_metadata(&self.default_metadata);
+        (!merged.is_empty()).then(|| merged.into_iter().collect())
+    }
+
     /// Runs the configured action for one job.
     pub async fn reset(&self, job: &ResetJob) -> Result<Delivery, CallError> {
         match self.action {
@@ -229,18 +236,12 @@ impl Cognito {
     /// sends a code. It takes no SecretHash, context or analytics data, and
     /// reports no delivery medium.
     async fn admin_reset_user_password(&self, job: &ResetJob) -> Result<Delivery, CallError> {
-        let metadata: HashMap<String, String> = job
-            .merged_metadata(&self.default_metadata)
-            .into_iter()
-            .collect();
-        let mut request = self
+        let request = self
             .client
             .admin_reset_user_password()
             .set_user_pool_id(self.user_pool_id.clone())
-            .username(job.username.expose());
-        if !metadata.is_empty() {
-            request = request.set_client_metadata(Some(metadata));
-        }
+            .username(job.username.expose())
+            .set_client_metadata(self.client_metadata(job));
         timed(request.send()).await?;
         Ok(Delivery { medium: "none" })
     }
@@ -253,19 +254,13 @@ impl Cognito {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|s| secret_hash(s.expose_secret(), username, &self.client_id));
-        let metadata: HashMap<String, String> = job
-            .merged_metadata(&self.default_metadata)
-            .into_iter()
-            .collect();
         let mut request = self
             .client
             .forgot_password()
             .client_id(&self.client_id)
             .username(username)
-            .set_secret_hash(secret_hash);
-        if !metadata.is_empty() {
-            request = request.set_client_metadata(Some(metadata));
-        }
+            .set_secret_hash(secret_hash)
+            .set_client_metadata(self.client_metadata(job));
         if let Some(ctx) = &job.user_context {
             request = request.user_context_data(
                 UserContextDataType::builder()

@@ -54,27 +54,8 @@ enum Command {
     Enqueue {
         #[command(flatten)]
         config: ConfigArg,
-        /// Campaign ID put on every job.
-        #[arg(long)]
-        campaign: String,
-        /// Input format.
-        #[arg(long, value_enum, default_value_t = Format::Auto)]
-        format: Format,
-        /// Validate and estimate only; send nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Continue an interrupted run from its checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Checkpoint file (default: FILE.checkpoint; none for stdin unless given).
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
-        /// Where invalid rows are listed (default: FILE.rejects.csv, or
-        /// enqueue-rejects.csv for stdin).
-        #[arg(long)]
-        rejects: Option<PathBuf>,
-        /// The campaign file; `-` reads stdin.
-        file: String,
+        #[command(flatten)]
+        args: EnqueueArgs,
     },
     /// Show queue depths, the ETA at the configured rate, and the worker's counters.
     Status {
@@ -153,27 +134,7 @@ fn main() -> ExitCode {
                 };
                 run(settings, config_path, options).await
             }
-            Command::Enqueue {
-                campaign,
-                format,
-                dry_run,
-                resume,
-                checkpoint,
-                rejects,
-                file,
-                ..
-            } => {
-                let args = EnqueueArgs {
-                    campaign,
-                    format,
-                    dry_run,
-                    resume,
-                    checkpoint,
-                    rejects,
-                    file,
-                };
-                run_enqueue(settings, args).await
-            }
+            Command::Enqueue { args, .. } => run_enqueue(settings, args).await,
             Command::Status {
                 metrics_url, json, ..
             } => run_status(settings, metrics_url, json).await,
@@ -272,13 +233,28 @@ async fn run(
         .with_context(|| format!("Worker on {} failed", settings.sqs.queue_url))
 }
 
+#[derive(Args)]
 struct EnqueueArgs {
+    /// Campaign ID put on every job.
+    #[arg(long)]
     campaign: String,
+    /// Input format.
+    #[arg(long, value_enum, default_value_t = Format::Auto)]
     format: Format,
+    /// Validate and estimate only; send nothing.
+    #[arg(long)]
     dry_run: bool,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
     resume: bool,
+    /// Checkpoint file (default: FILE.checkpoint; none for stdin unless given).
+    #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Where invalid rows are listed (default: FILE.rejects.csv, or
+    /// enqueue-rejects.csv for stdin).
+    #[arg(long)]
     rejects: Option<PathBuf>,
+    /// The campaign file; `-` reads stdin.
     file: String,
 }
 

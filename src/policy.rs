@@ -70,9 +70,16 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(settings: &RetrySettings) -> Self {
-        let max = Duration::from_millis(settings.max_delay_ms);
+        Self::with_bounds(
+            Duration::from_millis(settings.initial_delay_ms),
+            Duration::from_millis(settings.max_delay_ms),
+        )
+    }
+
+    /// Ceilings from `initial`, doubling, capped at `max`.
+    pub fn with_bounds(initial: Duration, max: Duration) -> Self {
         let ceilings = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(settings.initial_delay_ms))
+            .with_min_delay(initial)
             .with_max_delay(max)
             .with_factor(2.0)
             .without_max_times()

@@ -152,13 +152,7 @@ impl Worker {
             grace: Duration::from_secs(settings.shutdown.grace_seconds),
             job: JobSettings {
                 visibility: settings.visibility_timeout(),
-                retry: RetrySettings {
-                    initial_delay_ms: settings.retry.initial_delay_ms,
-                    max_delay_ms: settings.retry.max_delay_ms,
-                    max_attempts: settings.retry.max_attempts,
-                    delivery_failure_max_attempts: settings.retry.delivery_failure_max_attempts,
-                    limit_exceeded_delay_seconds: settings.retry.limit_exceeded_delay_seconds,
-                },
+                retry: settings.retry.clone(),
             },
         }
     }
@@ -384,13 +378,7 @@ const FIFO_DELETE_FLUSH: Duration = Duration::from_millis(50);
 
 /// Backoff for a failing ReceiveMessage: 1 s doubling to 30 s, full jitter.
 fn new_receive_backoff() -> Backoff {
-    Backoff::new(&RetrySettings {
-        initial_delay_ms: 1_000,
-        max_delay_ms: 30_000,
-        max_attempts: u32::MAX,
-        delivery_failure_max_attempts: 1,
-        limit_exceeded_delay_seconds: 1,
-    })
+    Backoff::with_bounds(Duration::from_secs(1), Duration::from_secs(30))
 }
 
 /// A job's decision plus what its log line needs.
