@@ -33,11 +33,21 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 ./scripts/check-deploy.sh # deploy/: kustomize, schemas, lint, config, metric names
 
-# Supply chain: licenses, sources and banned (unmaintained) crates, offline.
-if ! command -v cargo-deny >/dev/null 2>&1; then
-  log "installing cargo-deny (cargo install --locked; a few minutes, once per machine)"
-  cargo install --locked cargo-deny
+# Supply chain: licenses, sources and banned (unmaintained) crates.
+# cargo-deny is pinned and installed once per machine (about 5 minutes on two
+# cores); later runs find it on PATH or in $CARGO_HOME/bin.
+CARGO_DENY_VERSION="0.20.2"
+if [[ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]]; then
+  log "installing cargo-deny $CARGO_DENY_VERSION (cargo install --locked; about 5 minutes, once per machine)"
+  cargo install --locked "cargo-deny@$CARGO_DENY_VERSION"
 fi
+# cargo deny resolves the graph for *every* target platform (cargo metadata
+# without --filter-platform), so it needs crates a Linux build never
+# downloads (windows-sys, anstyle-wincon, ...). `cargo fetch` without
+# --target downloads exactly those, from Cargo.lock; after it, deny runs
+# offline (it never needs the advisory database for these three checks).
+log "cargo fetch --locked (every target's crates, for cargo deny)"
+cargo fetch --locked
 log "cargo deny --offline check bans licenses sources"
 cargo deny --offline check bans licenses sources
 
