@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use sha2::Sha256;
+
+use crate::crypto::hmac_sha256;
 
 /// Cognito's own limit for a username.
 pub const MAX_USERNAME_CHARS: usize = 128;
@@ -337,12 +337,10 @@ impl UserHasher {
     /// 16 bytes of HMAC-SHA256(key, campaign || 0 || username): the
     /// duplicate-suppression key, which holds no username.
     pub fn pair_key(&self, campaign: &str, username: &Username) -> [u8; 16] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret().as_bytes())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(campaign.as_bytes());
-        mac.update(&[0]);
-        mac.update(username.expose().as_bytes());
-        let digest = mac.finalize().into_bytes();
+        let digest = hmac_sha256(
+            self.key.expose_secret().as_bytes(),
+            &[campaign.as_bytes(), &[0], username.expose().as_bytes()],
+        );
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         key
@@ -350,10 +348,10 @@ impl UserHasher {
 
     /// 16 hex characters of HMAC-SHA256(key, username).
     pub fn user_ref(&self, username: &Username) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret().as_bytes())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(username.expose().as_bytes());
-        let digest = mac.finalize().into_bytes();
+        let digest = hmac_sha256(
+            self.key.expose_secret().as_bytes(),
+            &[username.expose().as_bytes()],
+        );
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 }

@@ -25,6 +25,7 @@ use std::time::Instant;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter as Gcra};
 use tokio::sync::watch;
 
+use crate::config::LimitSettings;
 use crate::telemetry;
 
 /// Multiplicative decrease on throttling. Gentle, because cuts come once per
@@ -48,6 +49,15 @@ const MIN_RATE: f64 = 1.0;
 pub struct Limits {
     pub max_rps: u32,
     pub burst: u32,
+}
+
+impl From<&LimitSettings> for Limits {
+    fn from(settings: &LimitSettings) -> Self {
+        Self {
+            max_rps: settings.max_rps,
+            burst: settings.burst,
+        }
+    }
 }
 
 /// Why [`RateLimiter::acquire`] did not grant a call.

@@ -12,8 +12,6 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::cognito::ErrorCode;
-
 pub const JOBS_TOTAL: &str = "reset_worker_jobs_total";
 pub const CAMPAIGN_JOBS_TOTAL: &str = "reset_worker_campaign_jobs_total";
 pub const COGNITO_REQUESTS_TOTAL: &str = "reset_worker_cognito_requests_total";
@@ -133,15 +131,25 @@ pub fn init_tracing() {
     };
 }
 
-pub fn cognito_request(result: Result<(), ErrorCode>, elapsed: Duration) {
+/// How a Cognito call ended, for [`cognito_request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    Ok,
+    /// TooManyRequestsException.
+    Throttled,
+    /// Any other error, with its code label (a small fixed set).
+    Error(&'static str),
+}
+
+pub fn cognito_request(result: CallResult, elapsed: Duration) {
     histogram!(COGNITO_DURATION).record(elapsed.as_secs_f64());
     let (result, code) = match result {
-        Ok(()) => ("ok", "none"),
-        Err(ErrorCode::TooManyRequests) => {
+        CallResult::Ok => ("ok", "none"),
+        CallResult::Throttled => {
             counter!(THROTTLED_TOTAL).increment(1);
-            ("throttled", ErrorCode::TooManyRequests.as_str())
+            ("throttled", "TooManyRequestsException")
         }
-        Err(code) => ("error", code.as_str()),
+        CallResult::Error(code) => ("error", code),
     };
     counter!(COGNITO_REQUESTS_TOTAL, "result" => result, "code" => code).increment(1);
 }

@@ -1,6 +1,7 @@
-//! Campaign checks and status: `reset-worker preflight` and `status`.
+//! `reset-worker preflight`: checks the queues, the app client and the
+//! pool before a campaign, each as PASS, WARN or FAIL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 use aws_sdk_cognitoidentityprovider::error::DisplayErrorContext;
@@ -9,9 +10,9 @@ use aws_sdk_cognitoidentityprovider::types::{
 };
 use serde::Serialize;
 
+use super::estimate;
+use crate::aws::sqs::Queue;
 use crate::config::Settings;
-use crate::enqueue::human_duration;
-use crate::queue::Queue;
 
 /// The account-level cap of `ForgotPassword` (UserAccountRecovery), per
 /// account and Region.
@@ -51,20 +52,13 @@ fn check(name: &'static str, level: Level, detail: impl Into<String>) -> Check {
     }
 }
 
-fn count(attrs: &HashMap<String, String>, key: &str) -> u64 {
+/// A numeric queue attribute; 0 when absent.
+pub(super) fn count(attrs: &HashMap<String, String>, key: &str) -> u64 {
     attrs.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// Campaign duration at `rps` for `jobs` jobs.
-pub fn estimate(jobs: u64, rps: u32) -> String {
-    if rps == 0 {
-        return "paused (limits.max_rps = 0)".to_owned();
-    }
-    human_duration(jobs as f64 / f64::from(rps))
-}
-
 /// Runs every check. The caller exits non-zero when any is `Fail`.
-pub async fn preflight(
+pub async fn checks(
     settings: &Settings,
     queue: &Queue,
     cognito: &aws_sdk_cognitoidentityprovider::Client,
@@ -282,186 +276,18 @@ pub async fn preflight(
     checks
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct QueueStatus {
-    pub url: String,
-    pub visible: u64,
-    pub in_flight: u64,
-    pub delayed: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub queue: QueueStatus,
-    pub dead_letter_queue: Option<QueueStatus>,
-    pub max_rps: u32,
-    pub eta_seconds: Option<u64>,
-    pub eta: String,
-    /// `reset_worker_*` counters from `--metrics-url`, summed by name and
-    /// outcome/result label.
-    pub worker: Option<BTreeMap<String, f64>>,
-}
-
-async fn queue_status(queue: &Queue, url: &str) -> Result<QueueStatus, crate::queue::QueueError> {
-    let attrs = queue.attributes(url).await?;
-    Ok(QueueStatus {
-        url: url.to_owned(),
-        visible: count(&attrs, "ApproximateNumberOfMessages"),
-        in_flight: count(&attrs, "ApproximateNumberOfMessagesNotVisible"),
-        delayed: count(&attrs, "ApproximateNumberOfMessagesDelayed"),
-    })
-}
-
-pub async fn status(
-    settings: &Settings,
-    queue: &Queue,
-    worker_metrics: Option<String>,
-) -> Result<Status, crate::queue::QueueError> {
-    let main = queue_status(queue, queue.url()).await?;
-    let dlq = match queue.dead_letter_url() {
-        Some(url) => Some(queue_status(queue, url).await?),
-        None => None,
-    };
-    let backlog = main.visible + main.in_flight + main.delayed;
-    let rps = settings.limits.max_rps;
-    Ok(Status {
-        eta_seconds: (rps > 0).then(|| backlog / u64::from(rps)),
-        eta: estimate(backlog, rps),
-        queue: main,
-        dead_letter_queue: dlq,
-        max_rps: rps,
-        worker: worker_metrics.map(|text| summarize_metrics(&text)),
-    })
-}
-
-/// Sums the worker's job and request counters from Prometheus text.
-pub fn summarize_metrics(text: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-        let wanted = [
-            ("reset_worker_jobs_total", "outcome"),
-            ("reset_worker_cognito_requests_total", "result"),
-        ];
-        for (metric, label) in wanted {
-            if name != metric {
-                continue;
-            }
-            let key = labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{label}=\"")))
-                .map(|v| v.trim_end_matches(['}', '"']))
-                .unwrap_or("all");
-            *out.entry(format!("{metric}{{{label}=\"{key}\"}}"))
-                .or_insert(0.0) += value;
-        }
-        if name == "reset_worker_rate_limit_per_second" || name == "reset_worker_in_flight_jobs" {
-            out.insert(name.to_owned(), value);
-        }
+/// Runs `reset-worker preflight`: prints every check; fails when any failed.
+pub async fn run(settings: &Settings) -> anyhow::Result<()> {
+    let sdk = crate::aws::load_sdk_config().await;
+    let queue = super::queue_with(settings, &sdk);
+    let cognito = crate::aws::cognito::build_client(&sdk, &settings.cognito);
+    let checks = checks(settings, &queue, &cognito).await;
+    for c in &checks {
+        println!("{:<4}  {:<22} {}", c.level, c.name, c.detail);
     }
-    out
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let q = &self.queue;
-        writeln!(f, "queue            {}", q.url)?;
-        writeln!(
-            f,
-            "  visible {}   in flight {}   delayed {}",
-            q.visible, q.in_flight, q.delayed
-        )?;
-        if let Some(d) = &self.dead_letter_queue {
-            writeln!(f, "dead-letter      {}", d.url)?;
-            writeln!(
-                f,
-                "  visible {}   in flight {}   delayed {}",
-                d.visible, d.in_flight, d.delayed
-            )?;
-        }
-        writeln!(
-            f,
-            "rate             {} calls/s (limits.max_rps)",
-            self.max_rps
-        )?;
-        writeln!(f, "ETA              {}", self.eta)?;
-        if let Some(worker) = &self.worker {
-            writeln!(f, "worker")?;
-            for (k, v) in worker {
-                writeln!(f, "  {k} {v}")?;
-            }
-        }
-        Ok(())
+    let failed = checks.iter().filter(|c| c.level == Level::Fail).count();
+    if failed > 0 {
+        anyhow::bail!("preflight: {failed} checks failed");
     }
-}
-
-/// A plain HTTP GET for `--metrics-url` (in-cluster or port-forwarded
-/// metrics are plain HTTP; TLS is not supported here).
-pub async fn http_get(url: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "only http:// URLs are supported",
-        )
-    })?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let mut stream = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(host),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut response),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(format!(
-            "unexpected answer: {}",
-            head.lines().next().unwrap_or("")
-        )));
-    }
-    Ok(body.to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summarizes_counters_by_outcome() {
-        let text = "# HELP x\nreset_worker_jobs_total{outcome=\"sent\"} 3\nreset_worker_jobs_total{outcome=\"skipped\"} 1\nreset_worker_cognito_requests_total{result=\"ok\",code=\"none\"} 4\nreset_worker_rate_limit_per_second 10\n";
-        let m = summarize_metrics(text);
-        assert_eq!(m["reset_worker_jobs_total{outcome=\"sent\"}"], 3.0);
-        assert_eq!(m["reset_worker_cognito_requests_total{result=\"ok\"}"], 4.0);
-        assert_eq!(m["reset_worker_rate_limit_per_second"], 10.0);
-    }
-
-    #[test]
-    fn estimates() {
-        assert_eq!(estimate(1_000_000, 30), "9 h 15 min");
-        assert!(estimate(5, 0).contains("paused"));
-    }
+    Ok(())
 }

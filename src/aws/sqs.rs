@@ -1,4 +1,6 @@
-//! The SQS side: receive, change visibility, dead-letter, and batched deletes.
+//! The SQS side: receive, change visibility, dead-letter, send and delete
+//! batches. The delete batcher that decides *when* to delete is
+//! [`super::deleter`].
 //!
 //! The SQS client keeps the SDK's standard retry mode (3 attempts): SQS
 //! calls do not spend the Cognito quota, and a quick retry of a dropped
@@ -7,9 +9,7 @@
 //! polled in a tight loop.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
 use aws_sdk_sqs::Client;
@@ -18,19 +18,14 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
     QueueAttributeName,
 };
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
+use crate::config::{MAX_VISIBILITY_SECONDS, is_fifo};
 use crate::telemetry;
 
 /// SQS caps a receive and a delete batch at 10 messages.
 pub const MAX_BATCH: usize = 10;
 /// SQS allows at most 10 message attributes.
 const MAX_MESSAGE_ATTRIBUTES: usize = 10;
-/// How often a failed delete entry is retried before it is given up on (the
-/// message is then redelivered after its visibility timeout).
-const DELETE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 #[error("SQS {operation} on {queue} failed: {detail}")]
@@ -182,11 +177,7 @@ impl Queue {
             .change_message_visibility()
             .queue_url(&self.url)
             .receipt_handle(receipt_handle)
-            .visibility_timeout(
-                visibility
-                    .as_secs()
-                    .min(crate::config::MAX_VISIBILITY_SECONDS) as i32,
-            )
+            .visibility_timeout(visibility.as_secs().min(MAX_VISIBILITY_SECONDS) as i32)
             .send()
             .await
             .map_err(|e| self.error("ChangeMessageVisibility", &self.url, e))?;
@@ -237,7 +228,7 @@ impl Queue {
             .queue_url(dlq_url)
             .message_body(if msg.body.is_empty() { " " } else { &msg.body })
             .set_message_attributes(Some(attributes));
-        if dlq_url.ends_with(".fifo") {
+        if is_fifo(dlq_url) {
             request = request
                 .message_group_id(msg.group_id.as_deref().unwrap_or("rejected"))
                 .message_deduplication_id(&msg.message_id);
@@ -286,14 +277,18 @@ impl Queue {
             .collect())
     }
 
-    async fn delete_batch(&self, batch: &[PendingDelete]) -> Result<Vec<FailedDelete>, QueueError> {
-        let entries = batch
+    /// Deletes up to 10 messages; returns the entries SQS refused, by index.
+    pub async fn delete_batch(
+        &self,
+        receipt_handles: &[&str],
+    ) -> Result<Vec<FailedDelete>, QueueError> {
+        let entries = receipt_handles
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| {
+            .filter_map(|(i, handle)| {
                 DeleteMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .receipt_handle(&p.receipt_handle)
+                    .receipt_handle(*handle)
                     .build()
                     .ok()
             })
@@ -337,167 +332,11 @@ pub struct FifoIds {
     pub deduplication_id: String,
 }
 
-struct FailedDelete {
-    index: usize,
-    sender_fault: bool,
-    code: String,
-}
-
-#[derive(Debug)]
-struct PendingDelete {
-    message_id: String,
-    receipt_handle: String,
-    attempts: u32,
-}
-
-/// Hands finished messages to the delete batcher. Cloned into every job task.
-#[derive(Clone)]
-pub struct Deleter {
-    /// Unbounded, because producers are already bounded by the concurrency
-    /// permits, and a job must never block on bookkeeping after its outcome.
-    tx: mpsc::UnboundedSender<PendingDelete>,
-    /// Messages handed over whose delete is not finished (done or given up).
-    /// `run --until-empty` must not call the queue drained while deletes are
-    /// pending: on a FIFO queue they still block their message groups.
-    outstanding: Arc<AtomicUsize>,
-}
-
-impl Deleter {
-    /// Starts the batcher. Cancelling the returned token closes it: it takes
-    /// no new entries, flushes what it holds (or gives up on it), and ends.
-    pub fn spawn(
-        queue: Arc<Queue>,
-        flush_interval: Duration,
-    ) -> (Self, JoinHandle<()>, CancellationToken) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let close = CancellationToken::new();
-        let outstanding = Arc::new(AtomicUsize::new(0));
-        let handle = tokio::spawn(run_deleter(
-            queue,
-            rx,
-            flush_interval,
-            close.clone(),
-            outstanding.clone(),
-        ));
-        (Self { tx, outstanding }, handle, close)
-    }
-
-    /// Deletes handed over and not yet finished.
-    pub fn outstanding(&self) -> usize {
-        self.outstanding.load(Ordering::SeqCst)
-    }
-
-    pub fn delete(&self, msg: &ReceivedMessage) {
-        let pending = PendingDelete {
-            message_id: msg.message_id.clone(),
-            receipt_handle: msg.receipt_handle.clone(),
-            attempts: 0,
-        };
-        self.outstanding.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(pending).is_err() {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
-            // Only possible if the batcher task panicked; the message will be
-            // redelivered, so say so.
-            telemetry::delete_failed(1);
-            tracing::error!(message_id = %msg.message_id, "delete batcher is gone; message will be redelivered");
-        }
-    }
-}
-
-async fn run_deleter(
-    queue: Arc<Queue>,
-    mut rx: mpsc::UnboundedReceiver<PendingDelete>,
-    flush_interval: Duration,
-    close: CancellationToken,
-    outstanding: Arc<AtomicUsize>,
-) {
-    let mut pending: Vec<PendingDelete> = Vec::new();
-    let mut oldest: Option<Instant> = None;
-    let mut open = true;
-    // Backoff after a failed DeleteMessageBatch call, reset on success.
-    let mut failure_pause = Duration::ZERO;
-    while open || !pending.is_empty() {
-        let flush_at = oldest.map(|t| t + flush_interval.max(failure_pause));
-        let full = pending.len() >= MAX_BATCH;
-        if !full && open {
-            tokio::select! {
-                item = rx.recv() => match item {
-                    Some(p) => {
-                        oldest.get_or_insert_with(Instant::now);
-                        pending.push(p);
-                        continue;
-                    }
-                    None => open = false,
-                },
-                _ = sleep_until_opt(flush_at) => {}
-                // Closing: stop new sends, then keep receiving what is
-                // already buffered until `recv` returns `None`.
-                _ = close.cancelled(), if !rx.is_closed() => {
-                    rx.close();
-                    continue;
-                }
-            }
-        } else if !open && !failure_pause.is_zero() {
-            tokio::time::sleep(failure_pause).await;
-        }
-        if pending.is_empty() {
-            oldest = None;
-            continue;
-        }
-        let take = pending.len().min(MAX_BATCH);
-        let batch: Vec<PendingDelete> = pending.drain(..take).collect();
-        let waiting_before = pending.len();
-        match queue.delete_batch(&batch).await {
-            Ok(failed) => {
-                failure_pause = Duration::ZERO;
-                let mut failed_idx: Vec<Option<FailedDelete>> =
-                    batch.iter().map(|_| None).collect();
-                for f in failed {
-                    if let Some(slot) = failed_idx.get_mut(f.index) {
-                        *slot = Some(f);
-                    }
-                }
-                for (p, f) in batch.into_iter().zip(failed_idx) {
-                    let Some(f) = f else { continue };
-                    if f.sender_fault {
-                        // e.g. ReceiptHandleIsInvalid: the message became
-                        // visible again and was (or will be) redelivered.
-                        telemetry::delete_failed(1);
-                        tracing::warn!(message_id = %p.message_id, code = %f.code, "delete rejected by SQS; message will be redelivered");
-                    } else {
-                        requeue(&mut pending, p, &f.code);
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, entries = batch.len(), "DeleteMessageBatch failed; will retry");
-                failure_pause =
-                    (failure_pause * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
-                for p in batch {
-                    requeue(&mut pending, p, "call_failed");
-                }
-            }
-        }
-        // Entries not put back are finished: deleted, or given up on.
-        let requeued = pending.len() - waiting_before;
-        outstanding.fetch_sub(take - requeued, Ordering::SeqCst);
-        oldest = (!pending.is_empty()).then(Instant::now);
-    }
-}
-
-fn requeue(pending: &mut Vec<PendingDelete>, mut p: PendingDelete, code: &str) {
-    p.attempts += 1;
-    if p.attempts >= DELETE_ATTEMPTS {
-        telemetry::delete_failed(1);
-        tracing::error!(message_id = %p.message_id, code, "delete failed {DELETE_ATTEMPTS} times; message will be redelivered");
-    } else {
-        pending.push(p);
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
+/// One entry of a DeleteMessageBatch that SQS refused.
+pub struct FailedDelete {
+    /// Position in the batch.
+    pub index: usize,
+    /// True when retrying cannot help (e.g. an expired receipt handle).
+    pub sender_fault: bool,
+    pub code: String,
 }

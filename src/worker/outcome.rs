@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::cognito::ErrorCode;
+use crate::aws::cognito::ErrorCode;
 use crate::telemetry;
 
 /// What became of one received message. Every received message ends in

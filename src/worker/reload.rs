@@ -18,6 +18,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::rate::Limits;
 use crate::worker::Live;
 
 /// How often the files are read.
@@ -54,7 +55,7 @@ pub async fn watch(
         last: Vec::new(),
     };
     watched.last = watched.read();
-    let mut applied = current.limits.rate_limits();
+    let mut applied = Limits::from(&current.limits);
     let mut restart_needed_logged = false;
     loop {
         tokio::select! {
@@ -76,7 +77,7 @@ pub async fn watch(
                 );
             }
             Ok(new) => {
-                let limits = new.limits.rate_limits();
+                let limits = Limits::from(&new.limits);
                 if limits != applied {
                     tracing::info!(
                         old_max_rps = applied.max_rps,
@@ -115,11 +116,42 @@ fn update_secret(live: &Live, new: &Settings) {
     }
 }
 
-/// True when something other than the live keys differs. Compared through
-/// `Debug` (which redacts secrets, so a rotated secret never counts here)
-/// after copying the live limits over, so only restart-only keys remain.
+/// True when something other than the live keys differs: the live values
+/// (limits, and the client secret, however it is given) are copied over
+/// from `old`, then the settings are compared field by field.
 fn needs_restart(old: &Settings, new: &Settings) -> bool {
     let mut comparable = new.clone();
-    comparable.limits = old.limits.clone();
-    format!("{old:?}") != format!("{comparable:?}")
+    comparable.limits.max_rps = old.limits.max_rps;
+    comparable.limits.burst = old.limits.burst;
+    comparable.cognito.client_secret = old.cognito.client_secret.clone();
+    *old != comparable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn settings() -> Settings {
+        serde_json::from_value(serde_json::json!({
+            "sqs": {"queue_url": "http://127.0.0.1:1/q"},
+            "cognito": {"client_id": "c", "client_secret_file": "/run/secret"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_restart_keys_need_a_restart() {
+        let old = settings();
+        let mut new = old.clone();
+        new.limits.max_rps = 3;
+        new.limits.burst = 1;
+        new.cognito.client_secret = Some(SecretString::from("rotated"));
+        assert!(!needs_restart(&old, &new), "live keys only");
+        new.limits.concurrency += 1;
+        assert!(needs_restart(&old, &new), "concurrency");
+        let mut new = old.clone();
+        new.logging.username_hash_key = Some(SecretString::from("other"));
+        assert!(needs_restart(&old, &new), "hash key");
+    }
 }

@@ -1,22 +1,25 @@
 //! `reset-worker enqueue`: loads a campaign file into the queue.
 //!
-//! Every row is validated exactly as the worker validates a message (the
-//! same [`ResetJob::parse`]), usernames are de-duplicated within the file,
-//! and a checkpoint records which batches were sent, so a re-run with
-//! `--resume` after an interruption never enqueues a row twice.
+//! The rows are read and validated by [`super::input`]; this module sends
+//! them in batches, and a checkpoint records which batches were sent, so a
+//! re-run with `--resume` after an interruption never enqueues a row twice.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
-use crate::job::ResetJob;
-use crate::queue::{FifoIds, MAX_BATCH, Outgoing, Queue, QueueError};
+use super::estimate;
+use super::input::{self, Format};
+use crate::aws::sqs::{FifoIds, MAX_BATCH, Outgoing, Queue, QueueError};
+use crate::backoff::Backoff;
+use crate::config::{Settings, is_fifo};
 
 /// SendMessageBatch calls in flight at once.
 const IN_FLIGHT_BATCHES: usize = 4;
@@ -25,19 +28,6 @@ const BATCH_ATTEMPTS: u32 = 5;
 /// FIFO queues: jobs are spread over this many message groups, so the
 /// worker can process that many in parallel while each group stays ordered.
 const FIFO_GROUPS: u64 = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// Guess from the extension, then from the first line.
-    Auto,
-    /// A header row with a `username` column; other columns become
-    /// `client_metadata`.
-    Csv,
-    /// One job object per line, in the message format.
-    Jsonl,
-    /// One username per line.
-    Lines,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
@@ -68,178 +58,6 @@ pub enum EnqueueError {
     Incomplete { failed: usize },
     #[error(transparent)]
     Queue(#[from] QueueError),
-}
-
-/// A row that failed validation: 1-based line number (data rows of a CSV
-/// count from line 2) and the reason, which never quotes the row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reject {
-    pub line: usize,
-    pub reason: String,
-}
-
-/// The validated, de-duplicated campaign, ready to send.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// (username, message body) in input order.
-    pub jobs: Vec<(String, String)>,
-    pub rejects: Vec<Reject>,
-    pub duplicates: usize,
-}
-
-/// Reads and validates every row.
-pub fn load(
-    input: &mut dyn BufRead,
-    name: &str,
-    format: Format,
-    campaign: &str,
-) -> Result<Loaded, EnqueueError> {
-    let mut text = String::new();
-    input
-        .read_to_string(&mut text)
-        .map_err(|source| EnqueueError::Read {
-            path: name.to_owned(),
-            source,
-        })?;
-    let format = match format {
-        Format::Auto => detect(name, &text),
-        f => f,
-    };
-    let rows: Vec<Row> = match format {
-        Format::Csv => csv_rows(&text)?,
-        Format::Jsonl => jsonl_rows(&text),
-        Format::Lines | Format::Auto => text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                let mut m = serde_json::Map::new();
-                m.insert("username".into(), l.trim().into());
-                (i + 1, Ok(m))
-            })
-            .collect(),
-    };
-
-    let mut loaded = Loaded::default();
-    let mut seen = HashSet::new();
-    for (line, row) in rows {
-        let mut object = match row {
-            Ok(o) => o,
-            Err(reason) => {
-                loaded.rejects.push(Reject { line, reason });
-                continue;
-            }
-        };
-        match object.get("campaign_id") {
-            None => {
-                object.insert("campaign_id".into(), campaign.into());
-            }
-            Some(serde_json::Value::String(c)) if c == campaign => {}
-            Some(_) => {
-                loaded.rejects.push(Reject {
-                    line,
-                    reason: "`campaign_id` differs from --campaign".into(),
-                });
-                continue;
-            }
-        }
-        let body = serde_json::Value::Object(object).to_string();
-        match ResetJob::parse(&body) {
-            Ok(job) => {
-                let username = job.username.expose().to_owned();
-                if seen.insert(username.clone()) {
-                    loaded.jobs.push((username, body));
-                } else {
-                    loaded.duplicates += 1;
-                }
-            }
-            Err(err) => loaded.rejects.push(Reject {
-                line,
-                reason: err.to_string(),
-            }),
-        }
-    }
-    Ok(loaded)
-}
-
-fn detect(name: &str, text: &str) -> Format {
-    let lower = name.to_ascii_lowercase();
-    if lower.ends_with(".csv") {
-        return Format::Csv;
-    }
-    if lower.ends_with(".jsonl") || lower.ends_with(".ndjson") {
-        return Format::Jsonl;
-    }
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    if first.trim_start().starts_with('{') {
-        Format::Jsonl
-    } else if first.contains(',')
-        && first
-            .split(',')
-            .any(|h| h.trim().trim_matches('"').eq_ignore_ascii_case("username"))
-    {
-        Format::Csv
-    } else {
-        Format::Lines
-    }
-}
-
-type Row = (
-    usize,
-    Result<serde_json::Map<String, serde_json::Value>, String>,
-);
-
-fn csv_rows(text: &str) -> Result<Vec<Row>, EnqueueError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(false)
-        .trim(csv::Trim::All)
-        .from_reader(text.as_bytes());
-    let headers = reader.headers()?.clone();
-    let username_col = headers
-        .iter()
-        .position(|h| h.eq_ignore_ascii_case("username"))
-        .ok_or(EnqueueError::NoUsernameColumn)?;
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        let record = match record {
-            Ok(r) => r,
-            Err(err) => {
-                let line = err.position().map_or(0, |p| p.line() as usize);
-                rows.push((line, Err("malformed CSV row".to_owned())));
-                continue;
-            }
-        };
-        let line = record.position().map_or(0, |p| p.line() as usize);
-        let mut object = serde_json::Map::new();
-        let mut metadata = serde_json::Map::new();
-        for (i, (header, value)) in headers.iter().zip(record.iter()).enumerate() {
-            if i == username_col {
-                object.insert("username".into(), value.into());
-            } else if !value.is_empty() && !header.is_empty() {
-                metadata.insert(header.to_owned(), value.into());
-            }
-        }
-        if !metadata.is_empty() {
-            object.insert("client_metadata".into(), metadata.into());
-        }
-        rows.push((line, Ok(object)));
-    }
-    Ok(rows)
-}
-
-fn jsonl_rows(text: &str) -> Vec<Row> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let row = match serde_json::from_str::<serde_json::Value>(l) {
-                Ok(serde_json::Value::Object(o)) => Ok(o),
-                Ok(_) => Err("not a JSON object".to_owned()),
-                Err(e) => Err(format!("not valid JSON (column {})", e.column())),
-            };
-            (i + 1, row)
-        })
-        .collect()
 }
 
 /// Which batches of a campaign file were sent. Batches are consecutive runs
@@ -400,7 +218,7 @@ pub async fn send(
         },
         None => Checkpoint::default(),
     };
-    let fifo = queue.url().ends_with(".fifo");
+    let fifo = is_fifo(queue.url());
     let batches: Vec<&[(String, String)]> = jobs.chunks(MAX_BATCH).collect();
     let already: usize = checkpoint
         .completed
@@ -469,6 +287,8 @@ pub async fn send(
 }
 
 async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> Result<(), QueueError> {
+    // 400 ms doubling to 12.8 s, full jitter.
+    let mut backoff = Backoff::new(Duration::from_millis(400), Duration::from_millis(12_800));
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -489,76 +309,103 @@ async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> Result<
             Err(err) if attempt >= BATCH_ATTEMPTS => return Err(err),
             Err(_) => {}
         }
-        let ceiling = Duration::from_millis(200 * 2u64.pow(attempt.min(6)));
-        tokio::time::sleep(crate::policy::full_jitter(ceiling)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
-/// Writes `line,reason` rows for the invalid input rows.
-pub fn write_rejects(path: &Path, rejects: &[Reject]) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(out, "line,reason")?;
-    for r in rejects {
-        writeln!(out, "{},\"{}\"", r.line, r.reason.replace('"', "'"))?;
-    }
-    out.flush()
+/// `reset-worker enqueue` arguments.
+#[derive(clap::Args)]
+pub struct EnqueueArgs {
+    /// Campaign ID put on every job.
+    #[arg(long)]
+    campaign: String,
+    /// Input format.
+    #[arg(long, value_enum, default_value_t = Format::Auto)]
+    format: Format,
+    /// Validate and estimate only; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Checkpoint file (default: FILE.checkpoint; none for stdin unless given).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Where invalid rows are listed (default: FILE.rejects.csv, or
+    /// enqueue-rejects.csv for stdin).
+    #[arg(long)]
+    rejects: Option<PathBuf>,
+    /// The campaign file; `-` reads stdin.
+    file: String,
 }
 
-/// Human-readable duration for estimates.
-pub fn human_duration(seconds: f64) -> String {
-    let s = seconds.round() as u64;
-    match s {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{} min {} s", s / 60, s % 60),
-        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+/// Runs `reset-worker enqueue`.
+pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
+    let stdin = args.file == "-";
+    let mut reader: Box<dyn BufRead> = if stdin {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&args.file)
+            .with_context(|| format!("Failed to open {}", args.file))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let loaded = input::load(&mut *reader, &args.file, args.format, &args.campaign)?;
+    let rejects_path = args.rejects.clone().unwrap_or_else(|| {
+        if stdin {
+            PathBuf::from("enqueue-rejects.csv")
+        } else {
+            PathBuf::from(format!("{}.rejects.csv", args.file))
+        }
+    });
+    if !loaded.rejects.is_empty() {
+        input::write_rejects(&rejects_path, &loaded.rejects)
+            .with_context(|| format!("Failed to write {}", rejects_path.display()))?;
     }
+    let valid = loaded.jobs.len();
+    let estimate = estimate(valid as u64, settings.limits.max_rps);
+    let rejects_note = || {
+        if !loaded.rejects.is_empty() {
+            println!("invalid rows listed in {}", rejects_path.display());
+        }
+    };
+    if args.dry_run {
+        println!(
+            "dry run: {valid} valid jobs, {} invalid, {} duplicate; about {estimate} at limits.max_rps {}",
+            loaded.rejects.len(),
+            loaded.duplicates,
+            settings.limits.max_rps
+        );
+        rejects_note();
+        return Ok(());
+    }
+    let checkpoint = args
+        .checkpoint
+        .clone()
+        .or_else(|| (!stdin).then(|| PathBuf::from(format!("{}.checkpoint", args.file))));
+    let queue = Arc::new(super::queue(settings).await);
+    let sent = send(
+        queue,
+        &args.campaign,
+        &loaded.jobs,
+        checkpoint.as_deref(),
+        args.resume,
+    )
+    .await?;
+    println!(
+        "enqueued {}, already enqueued {}, invalid {}, duplicate {}; about {estimate} at limits.max_rps {}",
+        sent.enqueued,
+        sent.already_enqueued,
+        loaded.rejects.len(),
+        loaded.duplicates,
+        settings.limits.max_rps
+    );
+    rejects_note();
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn load_str(name: &str, text: &str) -> Loaded {
-        load(&mut text.as_bytes(), name, Format::Auto, "c1").unwrap()
-    }
-
-    #[test]
-    fn csv_with_metadata_columns_invalid_rows_and_duplicates() {
-        let loaded = load_str(
-            "users.csv",
-            "username,reason,ticket\nalice@example.com,breach,T-1\n,breach,\nbob@example.com,,\nalice@example.com,x,y\n",
-        );
-        assert_eq!(loaded.jobs.len(), 2);
-        assert_eq!(loaded.duplicates, 1);
-        assert_eq!(loaded.rejects.len(), 1);
-        assert_eq!(loaded.rejects[0].line, 3);
-        let alice: serde_json::Value = serde_json::from_str(&loaded.jobs[0].1).unwrap();
-        assert_eq!(alice["client_metadata"]["reason"], "breach");
-        assert_eq!(alice["client_metadata"]["ticket"], "T-1");
-        assert_eq!(alice["campaign_id"], "c1");
-        let bob: serde_json::Value = serde_json::from_str(&loaded.jobs[1].1).unwrap();
-        assert!(bob.get("client_metadata").is_none());
-    }
-
-    #[test]
-    fn jsonl_and_lines_are_detected_and_validated_like_the_worker() {
-        let loaded = load_str(
-            "-",
-            "{\"username\":\"a@example.com\"}\n\n{\"user_name\":\"b\"}\nnot json\n{\"username\":\"c\",\"campaign_id\":\"other\"}\n",
-        );
-        assert_eq!(loaded.jobs.len(), 1);
-        let lines: Vec<usize> = loaded.rejects.iter().map(|r| r.line).collect();
-        assert_eq!(lines, vec![3, 4, 5]);
-        assert!(loaded.rejects.iter().all(|r| !r.reason.contains("b@")));
-
-        let loaded = load_str(
-            "list.txt",
-            "a@example.com\n  b@example.com  \na@example.com\n",
-        );
-        assert_eq!(loaded.jobs.len(), 2);
-        assert_eq!(loaded.duplicates, 1);
-        assert_eq!(loaded.jobs[1].0, "b@example.com");
-    }
 
     #[test]
     fn fifo_ids_are_stable_and_spread() {
@@ -570,12 +417,5 @@ mod tests {
             .map(|i| fifo_ids("c", &format!("u{i}")).group_id)
             .collect();
         assert!(groups.len() > 32, "{}", groups.len());
-    }
-
-    #[test]
-    fn durations_read_well() {
-        assert_eq!(human_duration(42.0), "42 s");
-        assert_eq!(human_duration(125.0), "2 min 5 s");
-        assert_eq!(human_duration(33_480.0), "9 h 18 min");
     }
 }

@@ -4,7 +4,7 @@
 //! (`RetryConfig::disabled()`). By default the SDK would itself retry
 //! TooManyRequests and LimitExceeded; stacked under our policy that would
 //! multiply calls against a shared, unraisable quota, and retry a per-user
-//! limit at once. [`crate::policy`] is therefore the only retry policy.
+//! limit at once. [`crate::worker::policy`] is therefore the only retry policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -17,13 +17,12 @@ use aws_sdk_cognitoidentityprovider::Client;
 use aws_sdk_cognitoidentityprovider::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_cognitoidentityprovider::types::{AnalyticsMetadataType, UserContextDataType};
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
-use sha2::Sha256;
 
 use crate::config::{Action, CognitoSettings};
+use crate::crypto::hmac_sha256;
 use crate::job::ResetJob;
-use crate::telemetry;
+use crate::telemetry::{self, CallResult};
 
 /// Builds the Cognito client from the shared AWS config (region, credentials,
 /// `AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER`), with SDK retries disabled
@@ -43,11 +42,11 @@ pub fn build_client(sdk: &SdkConfig, settings: &CognitoSettings) -> Client {
 
 /// Base64(HMAC-SHA256(key = client secret, message = username + client id)).
 pub fn secret_hash(secret: &str, username: &str, client_id: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(username.as_bytes());
-    mac.update(client_id.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    let mac = hmac_sha256(
+        secret.as_bytes(),
+        &[username.as_bytes(), client_id.as_bytes()],
+    );
+    base64::engine::general_purpose::STANDARD.encode(mac)
 }
 
 /// Every error the outcome policy knows by name, plus transport classes.
@@ -309,13 +308,17 @@ where
     let elapsed = started.elapsed();
     match result {
         Ok(out) => {
-            telemetry::cognito_request(Ok(()), elapsed);
+            telemetry::cognito_request(CallResult::Ok, elapsed);
             Ok(out)
         }
         Err(err) => {
             let status = err.raw_response().map(|r| r.status().as_u16());
             let call_error = CallError::from_sdk(&err, status);
-            telemetry::cognito_request(Err(call_error.code), elapsed);
+            let result = match call_error.code {
+                ErrorCode::TooManyRequests => CallResult::Throttled,
+                code => CallResult::Error(code.as_str()),
+            };
+            telemetry::cognito_request(result, elapsed);
             Err(call_error)
         }
     }

@@ -1,0 +1,337 @@
+//! Loading the layers and validating the result: every key range-checked,
+//! every problem reported with the key's name.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{
+    Action, ConfigError, ENV_NOT_KEYS, ENV_PREFIX, MAX_VISIBILITY_SECONDS, Settings, invalid,
+    is_fifo,
+};
+
+impl Settings {
+    /// Loads the layers, then validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            // `Toml::file` silently skips a missing file; a path the operator
+            // named must exist.
+            if !path.is_file() {
+                return Err(invalid(
+                    "--config",
+                    format!("names {} which is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS));
+        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.resolve_secret_file()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn resolve_secret_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.cognito.client_secret_file.clone() else {
+            return Ok(());
+        };
+        if self.cognito.client_secret.is_some() {
+            return Err(invalid(
+                "cognito.client_secret_file",
+                "cannot be used together with `cognito.client_secret`",
+            ));
+        }
+        let raw = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::SecretFile { path, source })?;
+        self.cognito.client_secret = Some(SecretString::from(raw.trim_end().to_owned()));
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url("sqs.queue_url", &self.sqs.queue_url)?;
+        if let Some(dlq) = &self.sqs.dead_letter_queue_url {
+            check_url("sqs.dead_letter_queue_url", dlq)?;
+            if dlq == &self.sqs.queue_url {
+                return Err(invalid(
+                    "sqs.dead_letter_queue_url",
+                    "must differ from `sqs.queue_url`",
+                ));
+            }
+            if is_fifo(dlq) != is_fifo(&self.sqs.queue_url) {
+                return Err(invalid(
+                    "sqs.dead_letter_queue_url",
+                    "must be a FIFO queue exactly when `sqs.queue_url` is one",
+                ));
+            }
+        }
+        in_range("sqs.wait_time_seconds", self.sqs.wait_time_seconds, 0, 20)?;
+        in_range(
+            "sqs.visibility_timeout_seconds",
+            self.sqs.visibility_timeout_seconds,
+            1,
+            MAX_VISIBILITY_SECONDS,
+        )?;
+        in_range(
+            "sqs.delete_flush_interval_ms",
+            self.sqs.delete_flush_interval_ms,
+            1,
+            5000,
+        )?;
+
+        let c = &self.cognito;
+        if c.client_id.trim().is_empty() {
+            return Err(invalid("cognito.client_id", "must not be empty"));
+        }
+        if c.client_secret
+            .as_ref()
+            .is_some_and(|s| s.expose_secret().is_empty())
+        {
+            return Err(invalid(
+                "cognito.client_secret",
+                "must not be empty when set",
+            ));
+        }
+        if c.client_metadata.len() > 50 {
+            return Err(invalid(
+                "cognito.client_metadata",
+                "has more than 50 entries",
+            ));
+        }
+        in_range(
+            "cognito.request_timeout_seconds",
+            c.request_timeout_seconds,
+            1,
+            300,
+        )?;
+        if self.sqs.visibility_timeout_seconds <= c.request_timeout_seconds {
+            return Err(invalid(
+                "sqs.visibility_timeout_seconds",
+                "must be greater than `cognito.request_timeout_seconds`, or a message \
+                 could reappear while its call is still running",
+            ));
+        }
+
+        let l = &self.limits;
+        in_range("limits.concurrency", l.concurrency as u64, 1, 1024)?;
+        in_range("limits.max_rps", u64::from(l.max_rps), 0, 10_000)?;
+        in_range(
+            "limits.burst",
+            u64::from(l.burst),
+            1,
+            u64::from(l.max_rps.max(1)).max(if l.max_rps == 0 { 10_000 } else { 1 }),
+        )?;
+
+        let r = &self.retry;
+        in_range("retry.initial_delay_ms", r.initial_delay_ms, 1, 60_000)?;
+        in_range(
+            "retry.max_delay_ms",
+            r.max_delay_ms,
+            r.initial_delay_ms,
+            600_000,
+        )?;
+        in_range("retry.max_attempts", u64::from(r.max_attempts), 1, 20)?;
+        in_range(
+            "retry.delivery_failure_max_attempts",
+            u64::from(r.delivery_failure_max_attempts),
+            1,
+            20,
+        )?;
+        in_range(
+            "retry.limit_exceeded_delay_seconds",
+            r.limit_exceeded_delay_seconds,
+            1,
+            MAX_VISIBILITY_SECONDS,
+        )?;
+        in_range(
+            "shutdown.grace_seconds",
+            self.shutdown.grace_seconds,
+            1,
+            3600,
+        )?;
+        in_range(
+            "dedup.window_seconds",
+            self.dedup.window_seconds,
+            0,
+            7 * 86400,
+        )?;
+        in_range(
+            "dedup.max_entries",
+            self.dedup.max_entries,
+            1000,
+            10_000_000,
+        )?;
+        in_range(
+            "metrics.max_campaign_labels",
+            self.metrics.max_campaign_labels as u64,
+            1,
+            1000,
+        )?;
+        if self.cognito.action == Action::AdminResetUserPassword
+            && self
+                .cognito
+                .user_pool_id
+                .as_deref()
+                .is_none_or(|p| p.trim().is_empty())
+        {
+            return Err(invalid(
+                "cognito.user_pool_id",
+                "is required when `cognito.action` is `admin_reset_user_password`",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_secs(self.sqs.visibility_timeout_seconds)
+    }
+}
+
+fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(invalid(key, "must be an http(s) queue URL"))
+    }
+}
+
+fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("is {value}; it must be between {min} and {max}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const REQUIRED: &str = r#"
+        [sqs]
+        queue_url = "http://127.0.0.1:5000/123456789012/jobs"
+        [cognito]
+        client_id = "client-1"
+    "#;
+
+    fn load_err(jail: &mut Jail, toml: &str) -> String {
+        jail.create_file("c.toml", toml).unwrap();
+        Settings::load(Some(Path::new("c.toml")))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_file_plus_env_is_valid_and_env_wins() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("RESET_WORKER_SQS__QUEUE_URL", "https://sqs.example/1/q");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_ID", "abc");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "s3cr3t-value");
+            jail.set_env("RESET_WORKER_LIMITS__CONCURRENCY", "3");
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_METADATA__REASON", "breach");
+            jail.set_env("RESET_WORKER_CONFIG", "ignored: not a key");
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/reset-worker.toml");
+            let s = Settings::load(Some(&path)).unwrap();
+            assert_eq!(s.sqs.queue_url, "https://sqs.example/1/q");
+            assert_eq!(s.limits.concurrency, 3);
+            assert_eq!(s.limits.max_rps, 10);
+            assert_eq!(s.cognito.client_metadata["reason"], "breach");
+            let debug = format!("{s:?}");
+            assert!(!debug.contains("s3cr3t-value"), "{debug}");
+            assert!(debug.contains("[redacted]"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let err = load_err(jail, &format!("{REQUIRED}\n[limits]\nconcurency = 3\n"));
+            assert!(err.contains("concurency"), "{err}");
+            jail.set_env("RESET_WORKER_SQS__QUEUE_URLL", "x");
+            let err = load_err(jail, REQUIRED);
+            assert!(err.contains("queue_urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_and_out_of_range_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let err = load_err(jail, "[sqs]\nqueue_url = \"http://x/q\"\n");
+            assert!(err.contains("cognito"), "{err}");
+            let cases = [
+                ("[limits]\nconcurrency = 0", "limits.concurrency"),
+                ("[limits]\nmax_rps = 10001", "limits.max_rps"),
+                ("[limits]\nburst = 50", "limits.burst"),
+                (
+                    "[retry]\nlimit_exceeded_delay_seconds = 50000",
+                    "retry.limit_exceeded_delay_seconds",
+                ),
+                (
+                    "[retry]\ninitial_delay_ms = 500\nmax_delay_ms = 100",
+                    "retry.max_delay_ms",
+                ),
+                ("[sqs_extra]\nx = 1", "sqs_extra"),
+            ];
+            for (extra, key) in cases {
+                let err = load_err(jail, &format!("{REQUIRED}\n{extra}\n"));
+                assert!(err.contains(key), "{extra}: {err}");
+            }
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"http://x/q\"\nwait_time_seconds = 21\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("sqs.wait_time_seconds"), "{err}");
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"q\"\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("sqs.queue_url"), "{err}");
+            let err = load_err(
+                jail,
+                "[sqs]\nqueue_url = \"http://x/q\"\nvisibility_timeout_seconds = 5\n[cognito]\nclient_id = \"c\"\n",
+            );
+            assert!(err.contains("visibility_timeout_seconds"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_from_file_and_not_both() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("secret", "from-file\n")?;
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET_FILE", "secret");
+            jail.create_file("c.toml", REQUIRED)?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(
+                s.cognito.client_secret.as_ref().unwrap().expose_secret(),
+                "from-file"
+            );
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "inline");
+            let err = load_err(jail, REQUIRED);
+            assert!(err.contains("client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/reset-worker.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--config"), "{err}");
+    }
+}

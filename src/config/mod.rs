@@ -1,0 +1,401 @@
+//! Typed, validated configuration.
+//!
+//! Layers, later ones win: built-in defaults, the TOML file given with
+//! `--config`, then environment variables `RESET_WORKER_<SECTION>__<KEY>`
+//! (for example `RESET_WORKER_SQS__QUEUE_URL`). Unknown keys are errors in
+//! every layer, so a typo fails start-up instead of silently using a default.
+//!
+//! - this file: the settings types, one doc comment per key, and defaults;
+//! - [`load`](self::load): the layers and the validation;
+//! - [`explain`](self::explain): `reset-worker config`, each key with its source.
+//!
+//! A leaf: it imports nothing of this crate.
+
+mod explain;
+mod load;
+
+pub use explain::Explained;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Prefix of every environment variable that overrides a config key.
+pub const ENV_PREFIX: &str = "RESET_WORKER_";
+
+/// Environment variables that share the prefix but are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["config", "log_format"];
+
+/// SQS names every FIFO queue (and so its URL) with the `.fifo` suffix.
+pub fn is_fifo(queue_url: &str) -> bool {
+    queue_url.ends_with(".fifo")
+}
+
+/// SQS allows at most 12 hours of visibility for a received message.
+pub const MAX_VISIBILITY_SECONDS: u64 = 12 * 60 * 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("cannot read `cognito.client_secret_file` {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub sqs: SqsSettings,
+    pub cognito: CognitoSettings,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub shutdown: ShutdownSettings,
+    #[serde(default)]
+    pub logging: LoggingSettings,
+    #[serde(default)]
+    pub dedup: DedupSettings,
+}
+
+/// Which Cognito call a job makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `ForgotPassword`: sends a code; the old password keeps working until
+    /// the user sets a new one. Needs no IAM permission.
+    #[default]
+    ForgotPassword,
+    /// `AdminResetUserPassword`: invalidates the password (status
+    /// RESET_REQUIRED), then sends a code. The real forced reset after a
+    /// breach. Needs `cognito.user_pool_id` and the IAM permission
+    /// `cognito-idp:AdminResetUserPassword`.
+    AdminResetUserPassword,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ForgotPassword => "forgot_password",
+            Action::AdminResetUserPassword => "admin_reset_user_password",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupSettings {
+    /// A (campaign, username) sent within this many seconds is not sent
+    /// again by this process (outcome `skipped`, reason `duplicate`), which
+    /// absorbs SQS's at-least-once redeliveries. 0–604800; 0 turns it off.
+    #[serde(default = "defaults::dedup_window_seconds")]
+    pub window_seconds: u64,
+    /// Most (campaign, username) pairs remembered, 1000–10000000. About
+    /// 340 bytes each (measured: +33 MiB RSS for 100,000 pairs), so the
+    /// default 100000 costs about 33 MiB when full. When full, the least
+    /// recently used pairs are forgotten first; redeliveries come within
+    /// minutes, which 100,000 pairs cover at any rate the quota allows.
+    #[serde(default = "defaults::dedup_max_entries")]
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSettings {
+    /// URL of the queue that holds one reset job per message. Required.
+    /// A URL ending in `.fifo` is treated as a FIFO queue.
+    pub queue_url: String,
+    /// Where rejected messages (bad body, Cognito refused the parameters) are
+    /// copied, with attributes that say why, before they are deleted. When
+    /// unset, rejected messages are left alone and reach the queue's own
+    /// redrive dead-letter queue after `maxReceiveCount` receives.
+    #[serde(default)]
+    pub dead_letter_queue_url: Option<String>,
+    /// Long-poll wait per ReceiveMessage call, 0–20. 0 turns long polling off
+    /// (more, emptier requests); 20 is the cheapest.
+    #[serde(default = "defaults::wait_time_seconds")]
+    pub wait_time_seconds: u64,
+    /// Visibility timeout requested for received messages, 1–43200. A running
+    /// job's visibility is extended by a heartbeat at half this interval, so
+    /// it only bounds how long a crashed worker's messages stay hidden. It must
+    /// exceed `cognito.request_timeout_seconds`.
+    #[serde(default = "defaults::visibility_timeout_seconds")]
+    pub visibility_timeout_seconds: u64,
+    /// How long a finished message may wait for nine others before its
+    /// DeleteMessageBatch is sent, 1–5000 ms; a full batch of 10 goes at
+    /// once. So at most one batch (10 messages) or this long awaits its
+    /// delete, which bounds the redeliveries (second emails) a crash can
+    /// cause. At rates of 10/s and more the batch fills within the second,
+    /// so the default costs no delay there and keeps SQS requests near 0.2
+    /// per job; a lower value trades more DeleteMessageBatch calls for a
+    /// smaller window.
+    #[serde(default = "defaults::delete_flush_interval_ms")]
+    pub delete_flush_interval_ms: u64,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CognitoSettings {
+    /// App client ID passed as `ClientId`. Required.
+    pub client_id: String,
+    /// App client secret. When set (here or through `client_secret_file`),
+    /// every call carries `SecretHash`. Never logged.
+    #[serde(default, serialize_with = "redacted")]
+    pub client_secret: Option<SecretString>,
+    /// File holding the app client secret (e.g. a mounted Kubernetes Secret);
+    /// trailing whitespace is ignored. Mutually exclusive with `client_secret`.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Campaign-wide `ClientMetadata` sent with every call; a job's own
+    /// `client_metadata` wins on a key clash. At most 50 entries.
+    #[serde(default)]
+    pub client_metadata: BTreeMap<String, String>,
+    /// `forgot_password` (default) or `admin_reset_user_password`; see
+    /// docs/campaigns.md for when to choose each. Same outcome policy for both.
+    #[serde(default)]
+    pub action: Action,
+    /// The user pool ID. Required for `admin_reset_user_password`; also used
+    /// by `preflight` to inspect the pool and the app client.
+    #[serde(default)]
+    pub user_pool_id: Option<String>,
+    /// Time limit for one ForgotPassword call, 1–300 s. A call that takes
+    /// longer counts as a retryable error, so a hung call never holds a slot.
+    #[serde(default = "defaults::request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+}
+
+/// Secrets compare by value: a changed secret is a changed setting.
+fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl PartialEq for CognitoSettings {
+    fn eq(&self, other: &Self) -> bool {
+        same_secret(&self.client_secret, &other.client_secret)
+            && self.client_id == other.client_id
+            && self.client_secret_file == other.client_secret_file
+            && self.client_metadata == other.client_metadata
+            && self.action == other.action
+            && self.user_pool_id == other.user_pool_id
+            && self.request_timeout_seconds == other.request_timeout_seconds
+    }
+}
+
+impl PartialEq for LoggingSettings {
+    fn eq(&self, other: &Self) -> bool {
+        same_secret(&self.username_hash_key, &other.username_hash_key)
+    }
+}
+
+impl std::fmt::Debug for CognitoSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CognitoSettings")
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("client_metadata", &self.client_metadata)
+            .field("action", &self.action)
+            .field("user_pool_id", &self.user_pool_id)
+            .field("request_timeout_seconds", &self.request_timeout_seconds)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Jobs processed at once (semaphore permits), 1–1024. Concurrency does
+    /// not limit the request rate; `max_rps` does.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Hard cap on ForgotPassword calls per second from this process,
+    /// 0–10000. The account-wide UserAccountRecovery quota is 30/s and is
+    /// shared with real users, so the default of 10 leaves two thirds for
+    /// them. Divide the campaign's share by the number of replicas. 0 pauses
+    /// the campaign. Applied live when the config file changes.
+    #[serde(default = "defaults::max_rps")]
+    pub max_rps: u32,
+    /// Calls that may start back to back after an idle spell, 1–`max_rps`.
+    /// Any one-second window holds at most `max_rps + burst` calls. Applied
+    /// live when the config file changes.
+    #[serde(default = "defaults::burst")]
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// First in-process backoff ceiling, 1–60000 ms. Each retry doubles the
+    /// ceiling and sleeps a uniformly random time below it (full jitter).
+    #[serde(default = "defaults::initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// Largest backoff ceiling, `initial_delay_ms`–600000 ms.
+    #[serde(default = "defaults::max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Calls per job for throttling, 5xx, timeouts and connection errors,
+    /// 1–20. After the last one the job is deferred: its message becomes
+    /// visible again after the next backoff delay.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Calls per job when Cognito cannot deliver the code or a Lambda trigger
+    /// misbehaves, 1–20; after the last one the job is rejected.
+    #[serde(default = "defaults::delivery_failure_max_attempts")]
+    pub delivery_failure_max_attempts: u32,
+    /// How long a job that hit the per-user code limit (LimitExceeded) stays
+    /// invisible before it is tried again, 1–43200 s (SQS maximum, 12 h).
+    #[serde(default = "defaults::limit_exceeded_delay_seconds")]
+    pub limit_exceeded_delay_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Distinct `campaign` label values on
+    /// `reset_worker_campaign_jobs_total`, 1–1000; further campaigns are
+    /// counted as `other`, which keeps the series count bounded.
+    #[serde(default = "defaults::max_campaign_labels")]
+    pub max_campaign_labels: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, how long in-flight calls may run before the worker
+    /// gives up on them, 1–3600 s. Keep Kubernetes'
+    /// `terminationGracePeriodSeconds` above this plus a few seconds for the
+    /// final delete flush.
+    #[serde(default = "defaults::grace_seconds")]
+    pub grace_seconds: u64,
+}
+
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSettings {
+    /// Key for the keyed hash (HMAC-SHA256) that stands for a username in
+    /// logs. Set it to correlate log lines across restarts and replicas; when
+    /// unset, a random key is drawn at start-up. Never logged.
+    #[serde(default, serialize_with = "redacted")]
+    pub username_hash_key: Option<SecretString>,
+}
+
+impl std::fmt::Debug for LoggingSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggingSettings")
+            .field(
+                "username_hash_key",
+                &self.username_hash_key.as_ref().map(|_| "[redacted]"),
+            )
+            .finish()
+    }
+}
+
+mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    pub const fn wait_time_seconds() -> u64 {
+        20
+    }
+    pub const fn visibility_timeout_seconds() -> u64 {
+        60
+    }
+    pub const fn delete_flush_interval_ms() -> u64 {
+        1000
+    }
+    pub const fn request_timeout_seconds() -> u64 {
+        10
+    }
+    pub const fn concurrency() -> usize {
+        8
+    }
+    pub const fn max_rps() -> u32 {
+        10
+    }
+    pub const fn burst() -> u32 {
+        2
+    }
+    pub const fn initial_delay_ms() -> u64 {
+        200
+    }
+    pub const fn max_delay_ms() -> u64 {
+        20_000
+    }
+    pub const fn max_attempts() -> u32 {
+        5
+    }
+    pub const fn delivery_failure_max_attempts() -> u32 {
+        3
+    }
+    pub const fn limit_exceeded_delay_seconds() -> u64 {
+        3600
+    }
+    pub const fn listen() -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464)
+    }
+    pub const fn grace_seconds() -> u64 {
+        25
+    }
+    pub const fn dedup_window_seconds() -> u64 {
+        24 * 60 * 60
+    }
+    pub const fn dedup_max_entries() -> u64 {
+        100_000
+    }
+    pub const fn max_campaign_labels() -> usize {
+        20
+    }
+}
+
+macro_rules! impl_default_from_serde {
+    ($($ty:ty),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                // Every field has a serde default, so an empty table is valid.
+                figment::Figment::new()
+                    .extract::<$ty>()
+                    .unwrap_or_else(|e| unreachable!("defaults of {} must be valid: {e}", stringify!($ty)))
+            }
+        }
+    )*};
+}
+impl_default_from_serde!(
+    LimitSettings,
+    RetrySettings,
+    MetricsSettings,
+    ShutdownSettings,
+    DedupSettings
+);
+
+fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}

@@ -1,0 +1,355 @@
+//! The outcome policy: the one place that decides what becomes of a job.
+//!
+//! [`classify`] says what a Cognito failure means; [`after_call`] turns a
+//! call's result and the attempt count into the next step (call again after
+//! a backoff, halt the campaign, or a final [`Outcome`]); the few outcomes
+//! decided without a call ([`unparsable`], [`duplicate`], [`released`],
+//! [`dead_letter_failed`]) are made here too. The worker's task asks; it
+//! never matches on an error code itself. The docs' outcome table
+//! (docs/outcomes.md) is the table-driven test at the bottom of this file.
+
+use std::time::Duration;
+
+use crate::aws::cognito::{CallError, Delivery, ErrorCode};
+use crate::backoff::Backoff;
+use crate::config::RetrySettings;
+use crate::job::JobError;
+use crate::worker::outcome::Outcome;
+
+/// What a failed call means for the job and the campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Transient (throttling, 5xx, timeout, connection): retry in process with
+    /// backoff, then defer the message.
+    Retryable,
+    /// The per-user code limit: retrying now cannot succeed and may extend
+    /// the lock-out, so defer by `retry.limit_exceeded_delay_seconds`.
+    UserLimited,
+    /// No such user: nothing to do; delete and count.
+    UserNotFound,
+    /// Cognito refused this job's parameters: reject (dead-letter).
+    Permanent,
+    /// Delivery or a Lambda trigger failed: may be transient, so retry a few
+    /// times, then reject.
+    RetryThenReject,
+    /// The campaign is misconfigured (credentials, client, roles): stop
+    /// everything and touch no message.
+    Fatal,
+}
+
+/// Classifies a failed call.
+pub fn classify(err: &CallError) -> Class {
+    use ErrorCode::*;
+    if err.is_user_state() {
+        // One user's state (disabled, no password yet): reject that job.
+        return Class::Permanent;
+    }
+    match err.code {
+        TooManyRequests | InternalError | Timeout | Connection | ServerError => Class::Retryable,
+        LimitExceeded => Class::UserLimited,
+        UserNotFound => Class::UserNotFound,
+        InvalidParameter | UserLambdaValidation => Class::Permanent,
+        CodeDeliveryFailure | InvalidLambdaResponse | UnexpectedLambda => Class::RetryThenReject,
+        NotAuthorized
+        | ResourceNotFound
+        | InvalidEmailRoleAccessPolicy
+        | InvalidSmsRoleAccessPolicy
+        | InvalidSmsRoleTrustRelationship
+        | Forbidden => Class::Fatal,
+        // An unknown code is treated as transient: the message is retried and
+        // eventually deferred, so it reaches the redrive policy's dead-letter
+        // queue after maxReceiveCount rather than being dead-lettered (or the
+        // campaign halted) on a guess.
+        Other => Class::Retryable,
+    }
+}
+
+/// What the job does after one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Call again after this delay (the call waits for the rate cap too).
+    Retry { after: Duration },
+    /// The campaign is misconfigured: halt it. This job's message is
+    /// released, like every other one still held.
+    Halt,
+    /// The job is decided.
+    Done(Outcome),
+}
+
+/// Decides the next step after call number `attempts` (1-based) ended in
+/// `result`. `backoff` is the job's schedule: it supplies both the in-process
+/// retry delay and, once the attempts are spent, the deferral.
+pub fn after_call(
+    result: Result<&Delivery, &CallError>,
+    attempts: u32,
+    retry: &RetrySettings,
+    backoff: &mut Backoff,
+) -> Step {
+    let err = match result {
+        Ok(delivery) => {
+            return Step::Done(Outcome::Sent {
+                medium: delivery.medium,
+            });
+        }
+        Err(err) => err,
+    };
+    let reject = || Outcome::Rejected {
+        reason: err.code.as_str(),
+        detail: err.server_message.clone().unwrap_or_default(),
+    };
+    let class = classify(err);
+    let limit = match class {
+        Class::Retryable => retry.max_attempts,
+        Class::RetryThenReject => retry.delivery_failure_max_attempts,
+        _ => 0,
+    };
+    match class {
+        Class::Retryable | Class::RetryThenReject if attempts < limit => Step::Retry {
+            after: backoff.next_delay(),
+        },
+        Class::Retryable => Step::Done(Outcome::Deferred {
+            reason: "retries_exhausted",
+            delay: backoff.next_delay().max(Duration::from_secs(1)),
+        }),
+        Class::RetryThenReject => Step::Done(reject()),
+        Class::UserLimited => Step::Done(Outcome::Deferred {
+            reason: "user_limit_exceeded",
+            delay: Duration::from_secs(retry.limit_exceeded_delay_seconds),
+        }),
+        Class::UserNotFound => Step::Done(Outcome::Skipped {
+            reason: "user_not_found",
+        }),
+        Class::Permanent => Step::Done(reject()),
+        Class::Fatal => Step::Halt,
+    }
+}
+
+/// A body that is not a valid job can never succeed: reject it.
+pub fn unparsable(err: &JobError) -> Outcome {
+    Outcome::Rejected {
+        reason: err.reason(),
+        detail: err.to_string(),
+    }
+}
+
+/// This process sent (or is sending) a code for the pair within the window.
+pub fn duplicate() -> Outcome {
+    Outcome::Skipped {
+        reason: "duplicate",
+    }
+}
+
+/// The job was waiting (rate cap, backoff) when the worker stopped taking
+/// work: `reason` is `shutdown`, `halted` or `paused`.
+pub fn released(reason: &'static str) -> Outcome {
+    Outcome::Released { reason }
+}
+
+/// A rejected message whose dead-letter copy failed is never deleted
+/// without one: it stays, and comes back after `visibility`.
+pub fn dead_letter_failed(visibility: Duration) -> Outcome {
+    Outcome::Deferred {
+        reason: "dead_letter_failed",
+        delay: visibility,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RetrySettings {
+        RetrySettings {
+            initial_delay_ms: 100,
+            max_delay_ms: 1000,
+            max_attempts: 5,
+            delivery_failure_max_attempts: 3,
+            limit_exceeded_delay_seconds: 3600,
+        }
+    }
+
+    fn error(code: ErrorCode, message: &str) -> CallError {
+        CallError {
+            code,
+            http_status: Some(400),
+            server_message: Some(message.into()),
+        }
+    }
+
+    /// What a row of the outcome table expects.
+    #[derive(Debug)]
+    enum Want {
+        Retry,
+        Halt,
+        /// Outcome label and reason.
+        Done(&'static str, &'static str),
+    }
+
+    fn matches(step: &Step, want: &Want) -> bool {
+        match (step, want) {
+            (Step::Retry { after }, Want::Retry) => *after <= Duration::from_millis(1000),
+            (Step::Halt, Want::Halt) => true,
+            (Step::Done(o), Want::Done(label, reason)) => {
+                o.label() == *label && o.reason() == *reason
+            }
+            _ => false,
+        }
+    }
+
+    /// docs/outcomes.md, row by row: (call result, attempt, expected step).
+    #[test]
+    fn outcome_table() {
+        use ErrorCode::*;
+        let msg = "Some message";
+        let rows: Vec<(Option<CallError>, u32, Want)> = vec![
+            // success → sent
+            (None, 1, Want::Done("sent", "ok")),
+            (None, 5, Want::Done("sent", "ok")),
+            // transient: retried up to retry.max_attempts (5), then deferred
+            (Some(error(TooManyRequests, msg)), 1, Want::Retry),
+            (Some(error(InternalError, msg)), 4, Want::Retry),
+            (Some(error(Timeout, msg)), 2, Want::Retry),
+            (Some(error(Connection, msg)), 3, Want::Retry),
+            (Some(error(ServerError, msg)), 1, Want::Retry),
+            (Some(error(Other, msg)), 1, Want::Retry),
+            (
+                Some(error(TooManyRequests, msg)),
+                5,
+                Want::Done("deferred", "retries_exhausted"),
+            ),
+            (
+                Some(error(Other, msg)),
+                5,
+                Want::Done("deferred", "retries_exhausted"),
+            ),
+            // per-user limit: deferred at once, never retried in process
+            (
+                Some(error(LimitExceeded, msg)),
+                1,
+                Want::Done("deferred", "user_limit_exceeded"),
+            ),
+            // unknown user: skipped
+            (
+                Some(error(UserNotFound, msg)),
+                1,
+                Want::Done("skipped", "user_not_found"),
+            ),
+            // refused parameters: rejected at once
+            (
+                Some(error(InvalidParameter, msg)),
+                1,
+                Want::Done("rejected", "InvalidParameterException"),
+            ),
+            (
+                Some(error(UserLambdaValidation, msg)),
+                1,
+                Want::Done("rejected", "UserLambdaValidationException"),
+            ),
+            // delivery and Lambda failures: retried up to
+            // retry.delivery_failure_max_attempts (3), then rejected
+            (Some(error(CodeDeliveryFailure, msg)), 2, Want::Retry),
+            (
+                Some(error(CodeDeliveryFailure, msg)),
+                3,
+                Want::Done("rejected", "CodeDeliveryFailureException"),
+            ),
+            (Some(error(InvalidLambdaResponse, msg)), 1, Want::Retry),
+            (
+                Some(error(UnexpectedLambda, msg)),
+                3,
+                Want::Done("rejected", "UnexpectedLambdaException"),
+            ),
+            // misconfiguration: halt the campaign
+            (Some(error(NotAuthorized, msg)), 1, Want::Halt),
+            (
+                Some(error(
+                    NotAuthorized,
+                    "Unable to verify secret hash for client abc",
+                )),
+                1,
+                Want::Halt,
+            ),
+            (Some(error(ResourceNotFound, msg)), 1, Want::Halt),
+            (
+                Some(error(InvalidEmailRoleAccessPolicy, msg)),
+                1,
+                Want::Halt,
+            ),
+            (Some(error(InvalidSmsRoleAccessPolicy, msg)), 1, Want::Halt),
+            (
+                Some(error(InvalidSmsRoleTrustRelationship, msg)),
+                1,
+                Want::Halt,
+            ),
+            (Some(error(Forbidden, msg)), 1, Want::Halt),
+            // NotAuthorized about one user's state is that job's problem
+            (
+                Some(error(NotAuthorized, "User is disabled.")),
+                1,
+                Want::Done("rejected", "NotAuthorizedException"),
+            ),
+            (
+                Some(error(
+                    NotAuthorized,
+                    "User password cannot be reset in the current state.",
+                )),
+                1,
+                Want::Done("rejected", "NotAuthorizedException"),
+            ),
+        ];
+        let delivery = Delivery { medium: "EMAIL" };
+        for (err, attempt, want) in rows {
+            let mut backoff = Backoff::for_jobs(&settings());
+            let result = match &err {
+                None => Ok(&delivery),
+                Some(e) => Err(e),
+            };
+            let step = after_call(result, attempt, &settings(), &mut backoff);
+            assert!(
+                matches(&step, &want),
+                "{:?} at attempt {attempt}: got {step:?}, want {want:?}",
+                err.as_ref().map(|e| e.code)
+            );
+        }
+    }
+
+    #[test]
+    fn deferrals_carry_their_delay() {
+        let mut backoff = Backoff::for_jobs(&settings());
+        let step = after_call(
+            Err(&error(ErrorCode::LimitExceeded, "")),
+            1,
+            &settings(),
+            &mut backoff,
+        );
+        assert_eq!(
+            step,
+            Step::Done(Outcome::Deferred {
+                reason: "user_limit_exceeded",
+                delay: Duration::from_secs(3600)
+            })
+        );
+        // Retries exhausted: deferred by the next backoff delay, at least 1 s.
+        let step = after_call(
+            Err(&error(ErrorCode::TooManyRequests, "")),
+            5,
+            &settings(),
+            &mut backoff,
+        );
+        assert!(
+            matches!(step, Step::Done(Outcome::Deferred { delay, .. }) if delay >= Duration::from_secs(1)),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn decisions_without_a_call() {
+        let err = crate::job::ResetJob::parse("not json").unwrap_err();
+        let o = unparsable(&err);
+        assert_eq!((o.label(), o.reason()), ("rejected", "invalid_json"));
+        assert_eq!(duplicate().label(), "skipped");
+        assert_eq!(released("paused").reason(), "paused");
+        let o = dead_letter_failed(Duration::from_secs(60));
+        assert_eq!((o.label(), o.reason()), ("deferred", "dead_letter_failed"));
+    }
+}

@@ -1,0 +1,216 @@
+//! One message, start to end: decide (parse, duplicate check, the call loop)
+//! while a heartbeat keeps the message hidden, then apply the outcome on SQS
+//! and record it. What each result means is [`super::policy`]'s to say.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Shared;
+use super::outcome::{Outcome, Report};
+use super::policy::{self, Step};
+use crate::aws::cognito::ErrorCode;
+use crate::aws::sqs::ReceivedMessage;
+use crate::backoff::Backoff;
+use crate::job::ResetJob;
+use crate::telemetry;
+
+/// Runs one message to its outcome. The permit is held until the end, so
+/// the receive loop never holds more messages than it has slots.
+pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: OwnedSemaphorePermit) {
+    let _in_flight = InFlight::enter();
+    let decided = tokio::select! {
+        d = decide(&shared, &msg) => d,
+        never = heartbeat(&shared, &msg) => match never {},
+    };
+    let outcome = apply(&shared, &msg, decided.outcome).await;
+    shared.tally.record(&Report {
+        outcome: &outcome,
+        message_id: &msg.message_id,
+        campaign_id: decided.campaign_id.as_deref(),
+        user: decided.user.as_deref(),
+        attempts: decided.attempts,
+        receive_count: msg.receive_count,
+        last_error: decided.last_error,
+        age: msg.age(),
+    });
+}
+
+/// A job's decision plus what its log line needs.
+struct Decided {
+    outcome: Outcome,
+    campaign_id: Option<String>,
+    /// Keyed hash of the username; `None` when the body did not parse.
+    user: Option<String>,
+    attempts: u32,
+    last_error: Option<ErrorCode>,
+}
+
+/// What the call loop ended with.
+struct Called {
+    outcome: Outcome,
+    attempts: u32,
+    last_error: Option<ErrorCode>,
+}
+
+/// Decrements the in-flight gauge however the task ends.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        telemetry::in_flight(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        telemetry::in_flight(-1.0);
+    }
+}
+
+/// Keeps a running job's message invisible: at half the visibility timeout,
+/// extends it by a full one. Ends only when the job's future wins the select.
+async fn heartbeat(shared: &Shared, msg: &ReceivedMessage) -> std::convert::Infallible {
+    let vt = shared.visibility;
+    loop {
+        tokio::time::sleep(vt / 2).await;
+        if let Err(err) = shared
+            .queue
+            .change_visibility(&msg.receipt_handle, vt)
+            .await
+        {
+            tracing::warn!(message_id = %msg.message_id, error = %err, "visibility heartbeat failed");
+        }
+    }
+}
+
+/// Parses the job, suppresses duplicates, and calls until decided. Touches
+/// no SQS state.
+async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
+    let job = match ResetJob::parse(&msg.body) {
+        Ok(job) => job,
+        Err(err) => {
+            return Decided {
+                outcome: policy::unparsable(&err),
+                campaign_id: None,
+                user: None,
+                attempts: 0,
+                last_error: None,
+            };
+        }
+    };
+    let user = Some(shared.hasher.user_ref(&job.username));
+    let called = match shared.dedup.claim(&job) {
+        None => Called {
+            outcome: policy::duplicate(),
+            attempts: 0,
+            last_error: None,
+        },
+        Some(claim) => {
+            let called = call_until_decided(shared, &job).await;
+            if !matches!(called.outcome, Outcome::Sent { .. }) {
+                shared.dedup.forget(claim);
+            }
+            called
+        }
+    };
+    Decided {
+        outcome: called.outcome,
+        campaign_id: job.campaign_id,
+        user,
+        attempts: called.attempts,
+        last_error: called.last_error,
+    }
+}
+
+/// The call loop: wait for the rate cap, call, ask the policy, back off.
+async fn call_until_decided(shared: &Shared, job: &ResetJob) -> Called {
+    let mut backoff = Backoff::for_jobs(&shared.retry);
+    let mut attempts = 0;
+    let mut last_error = None;
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => break policy::released(shared.release_reason()),
+            granted = shared.limiter.acquire() => if granted.is_err() {
+                break policy::released("paused");
+            },
+        }
+        attempts += 1;
+        // Not cancellable: once sent, the call's result must be applied, or
+        // a sent email could be followed by a redelivery and a second one.
+        let call_started = Instant::now();
+        let result = shared.cognito.reset(job).await;
+        if let Err(err) = &result {
+            last_error = Some(err.code);
+            if err.code == ErrorCode::TooManyRequests {
+                shared.limiter.on_throttled(call_started);
+            }
+        }
+        match policy::after_call(result.as_ref(), attempts, &shared.retry, &mut backoff) {
+            Step::Done(outcome) => break outcome,
+            Step::Halt => {
+                if let Err(err) = &result {
+                    shared.halt(err);
+                }
+                break policy::released("halted");
+            }
+            Step::Retry { after } => {
+                tracing::debug!(
+                    error_code = last_error.map(ErrorCode::as_str).unwrap_or("none"),
+                    attempt = attempts,
+                    retry_in_ms = after.as_millis() as u64,
+                    "retrying"
+                );
+                tokio::select! {
+                    biased;
+                    _ = shared.stop.cancelled() => break policy::released(shared.release_reason()),
+                    _ = tokio::time::sleep(after) => {}
+                }
+            }
+        }
+    };
+    Called {
+        outcome,
+        attempts,
+        last_error,
+    }
+}
+
+/// Carries the decision out on SQS. Returns the outcome that really
+/// happened: a rejection whose dead-letter copy failed is not deleted.
+async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outcome {
+    match &outcome {
+        Outcome::Sent { .. } | Outcome::Skipped { .. } => shared.deleter.delete(msg),
+        Outcome::Rejected { reason, detail } => {
+            let Some(dlq) = shared.queue.dead_letter_url() else {
+                // Left to the queue's redrive policy: it reappears after the
+                // visibility timeout and moves after maxReceiveCount.
+                return outcome;
+            };
+            match shared.queue.dead_letter(dlq, msg, reason, detail).await {
+                Ok(()) => shared.deleter.delete(msg),
+                Err(err) => {
+                    tracing::error!(message_id = %msg.message_id, error = %err, "dead-letter copy failed; message kept for redelivery");
+                    return policy::dead_letter_failed(shared.visibility);
+                }
+            }
+        }
+        Outcome::Deferred { delay, .. } => set_visibility(shared, msg, *delay).await,
+        Outcome::Released { .. } => set_visibility(shared, msg, Duration::ZERO).await,
+    }
+    outcome
+}
+
+async fn set_visibility(shared: &Shared, msg: &ReceivedMessage, visibility: Duration) {
+    if let Err(err) = shared
+        .queue
+        .change_visibility(&msg.receipt_handle, visibility)
+        .await
+    {
+        // The message still comes back, after the current visibility timeout.
+        tracing::warn!(message_id = %msg.message_id, error = %err, "could not change visibility");
+    }
+}
