@@ -69,9 +69,20 @@ pub enum ErrorCode {
     InvalidSmsRoleAccessPolicy,
     InvalidSmsRoleTrustRelationship,
     Forbidden,
-    /// The call exceeded `cognito.request_timeout_seconds`.
+    /// A missing IAM permission (`AccessDeniedException`), e.g. no
+    /// `cognito-idp:AdminResetUserPassword` on the worker's role.
+    AccessDenied,
+    /// The credentials are missing, expired, unknown or wrongly signed
+    /// (`ExpiredTokenException`, `UnrecognizedClientException`,
+    /// `InvalidSignatureException`, and their SQS names).
+    Credentials,
+    /// The call exceeded `cognito.request_timeout_seconds`: it was sent,
+    /// and Cognito may have acted on it.
     Timeout,
-    /// No HTTP response: connection refused, reset, DNS, TLS.
+    /// The connection broke after the request may have been written
+    /// (reset, closed mid-answer): as uncertain as a timeout.
+    ConnectionLost,
+    /// The request never left: connection refused, DNS, TLS, connect timeout.
     Connection,
     /// A 5xx answer without a known error code.
     ServerError,
@@ -100,6 +111,19 @@ impl ErrorCode {
             "InvalidSmsRoleAccessPolicyException" => Self::InvalidSmsRoleAccessPolicy,
             "InvalidSmsRoleTrustRelationshipException" => Self::InvalidSmsRoleTrustRelationship,
             "ForbiddenException" => Self::Forbidden,
+            "AccessDeniedException" | "AccessDenied" => Self::AccessDenied,
+            "ExpiredTokenException"
+            | "ExpiredToken"
+            | "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+            | "MissingAuthenticationToken"
+            | "MissingAuthenticationTokenException"
+            | "IncompleteSignature"
+            | "IncompleteSignatureException"
+            | "InvalidAccessKeyId"
+            | "InvalidSecurity" => Self::Credentials,
             _ => Self::Other,
         }
     }
@@ -121,7 +145,10 @@ impl ErrorCode {
             Self::InvalidSmsRoleAccessPolicy => "InvalidSmsRoleAccessPolicyException",
             Self::InvalidSmsRoleTrustRelationship => "InvalidSmsRoleTrustRelationshipException",
             Self::Forbidden => "ForbiddenException",
+            Self::AccessDenied => "AccessDeniedException",
+            Self::Credentials => "credentials",
             Self::Timeout => "timeout",
+            Self::ConnectionLost => "connection_lost",
             Self::Connection => "connection",
             Self::ServerError => "server_error",
             Self::Other => "other",
@@ -159,9 +186,18 @@ impl CallError {
         E: ProvideErrorMetadata,
     {
         let code = match err {
+            // The operation timeout: the request was (or may have been) sent.
             SdkError::TimeoutError(_) => ErrorCode::Timeout,
-            SdkError::DispatchFailure(d) if d.is_timeout() => ErrorCode::Timeout,
-            SdkError::DispatchFailure(_) => ErrorCode::Connection,
+            // The connect timeout (no read timeout is set): nothing was sent.
+            SdkError::DispatchFailure(d) if d.is_timeout() => ErrorCode::Connection,
+            SdkError::DispatchFailure(d)
+                if d
+                    .as_connector_error()
+                    .is_some_and(|e| failed_before_sending(e)) =>
+            {
+                ErrorCode::Connection
+            }
+            SdkError::DispatchFailure(_) => ErrorCode::ConnectionLost,
             _ => match err.code() {
                 Some(c) => match ErrorCode::from_aws_code(c) {
                     ErrorCode::Other if status.is_some_and(|s| s >= 500) => ErrorCode::ServerError,
@@ -177,6 +213,25 @@ impl CallError {
             server_message: err.message().map(str::to_owned),
         }
     }
+}
+
+/// True when the error's cause says the connection was never made (refused,
+/// no route, name resolution), so the request cannot have reached Cognito.
+/// Anything else that breaks a dispatch may have happened after the request
+/// was written.
+fn failed_before_sending(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NotFound
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// How the code was delivered (`EMAIL`, `SMS`); never the destination.
@@ -357,5 +412,19 @@ mod tests {
             ErrorCode::from_aws_code("BrandNewException"),
             ErrorCode::Other
         );
+        // IAM and credential errors have names of their own (hardening #10),
+        // in Cognito's and SQS's spelling alike.
+        for code in ["AccessDeniedException", "AccessDenied"] {
+            assert_eq!(ErrorCode::from_aws_code(code), ErrorCode::AccessDenied);
+        }
+        for code in [
+            "ExpiredTokenException",
+            "UnrecognizedClientException",
+            "InvalidSignatureException",
+            "InvalidClientTokenId",
+            "SignatureDoesNotMatch",
+        ] {
+            assert_eq!(ErrorCode::from_aws_code(code), ErrorCode::Credentials);
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
     QueueAttributeName,
@@ -32,6 +32,8 @@ const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 pub struct QueueError {
     pub operation: &'static str,
     pub queue: String,
+    /// The service's error code, when it answered with one.
+    pub code: Option<String>,
     pub detail: String,
 }
 
@@ -81,16 +83,15 @@ impl Queue {
         &self.url
     }
 
-    fn error(
-        &self,
-        operation: &'static str,
-        queue: &str,
-        err: impl std::error::Error,
-    ) -> QueueError {
+    fn error<E>(&self, operation: &'static str, queue: &str, err: E) -> QueueError
+    where
+        E: std::error::Error + ProvideErrorMetadata,
+    {
         telemetry::sqs_request(operation, false);
         QueueError {
             operation,
             queue: queue.to_owned(),
+            code: err.code().map(str::to_owned),
             detail: DisplayErrorContext(err).to_string(),
         }
     }

@@ -302,6 +302,7 @@ async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> Result<
                     return Err(QueueError {
                         operation: "SendMessageBatch",
                         queue: queue.url().to_owned(),
+                        code: None,
                         detail: format!("{} entries still refused", entries.len()),
                     });
                 }

@@ -147,6 +147,12 @@ impl Settings {
             MAX_VISIBILITY_SECONDS,
         )?;
         in_range(
+            "retry.uncertain_delay_seconds",
+            r.uncertain_delay_seconds,
+            self.sqs.visibility_timeout_seconds,
+            MAX_VISIBILITY_SECONDS,
+        )?;
+        in_range(
             "shutdown.grace_seconds",
             self.shutdown.grace_seconds,
             1,
@@ -282,6 +288,11 @@ mod tests {
                 (
                     "[retry]\ninitial_delay_ms = 500\nmax_delay_ms = 100",
                     "retry.max_delay_ms",
+                ),
+                (
+                    // Below the default visibility timeout (60 s).
+                    "[retry]\nuncertain_delay_seconds = 30",
+                    "retry.uncertain_delay_seconds",
                 ),
                 ("[sqs_extra]\nx = 1", "sqs_extra"),
             ];

@@ -270,6 +270,15 @@ pub struct RetrySettings {
     /// invisible before it is tried again, 1–43200 s (SQS maximum, 12 h).
     #[serde(default = "defaults::limit_exceeded_delay_seconds")]
     pub limit_exceeded_delay_seconds: u64,
+    /// How long a job whose call's answer was lost after it was sent (the
+    /// call timed out, or the connection broke mid-call) stays invisible
+    /// before it is tried again, `sqs.visibility_timeout_seconds`–43200 s.
+    /// Cognito may have sent the code already, so the job is not retried in
+    /// process: a second code would void the first. Longer values give a
+    /// user who did get the email more time to use it before a possible
+    /// second one; shorter values finish the campaign sooner.
+    #[serde(default = "defaults::uncertain_delay_seconds")]
+    pub uncertain_delay_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -355,6 +364,9 @@ mod defaults {
     }
     pub const fn limit_exceeded_delay_seconds() -> u64 {
         3600
+    }
+    pub const fn uncertain_delay_seconds() -> u64 {
+        300
     }
     pub const fn listen() -> SocketAddr {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464)

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::aws::cognito::{CallError, Cognito, ErrorCode, SharedSecret};
+use crate::aws::cognito::{CallError, Cognito, SharedSecret};
 use crate::aws::deleter::{Batcher, Deleter};
 use crate::aws::sqs::{MAX_BATCH, Queue, QueueError, ReceivedMessage};
 use crate::backoff::Backoff;
@@ -51,12 +51,15 @@ const FIFO_DELETE_FLUSH: Duration = Duration::from_millis(50);
 pub enum WorkerError {
     /// The campaign is misconfigured; nothing was deleted because of it.
     #[error(
-        "campaign halted: Cognito answered {code}{} — check the app client ID, client secret, \
-         user pool and its email/SMS roles; no message was deleted because of this error",
+        "campaign halted: {service} answered {code}{} — check the app client ID, client secret, \
+         user pool and its email/SMS roles, the worker's IAM permissions and credentials; \
+         no message was deleted because of this error",
         message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
     )]
     Fatal {
-        code: &'static str,
+        /// `Cognito` or `SQS`.
+        service: &'static str,
+        code: String,
         message: Option<String>,
     },
     #[error("start-up check failed: {0}")]
@@ -103,16 +106,29 @@ struct Shared {
     stop: CancellationToken,
     /// The first fatal error. Set once; later fatal errors only release
     /// their message, so the operator sees one clear cause.
-    fatal: OnceLock<(ErrorCode, Option<String>)>,
+    fatal: OnceLock<Halt>,
+}
+
+/// Why the campaign was halted: the service, its error code and message.
+#[derive(Debug, Clone)]
+struct Halt {
+    service: &'static str,
+    code: String,
+    message: Option<String>,
 }
 
 impl Shared {
+    /// Halts the campaign on a fatal Cognito answer.
     fn halt(&self, err: &CallError) {
-        if self
-            .fatal
-            .set((err.code, err.server_message.clone()))
-            .is_ok()
-        {
+        self.halt_with(Halt {
+            service: "Cognito",
+            code: err.code.as_str().to_owned(),
+            message: err.server_message.clone(),
+        });
+    }
+
+    fn halt_with(&self, err: Halt) {
+        if self.fatal.set(err).is_ok() {
             self.health.halt();
             self.stop.cancel();
         }
@@ -262,6 +278,15 @@ impl Worker {
                 }
                 // An idle long poll cut short by the stop.
                 None => break,
+                Some(Err(err)) if policy::queue_error_is_fatal(&err) => {
+                    tracing::error!(error = %err, "SQS refused the worker; halting the campaign");
+                    shared.halt_with(Halt {
+                        service: "SQS",
+                        code: err.code.clone().unwrap_or_default(),
+                        message: Some(err.detail.clone()),
+                    });
+                    break;
+                }
                 Some(Err(err)) => {
                     shared.health.set_polling(false);
                     drop(held);
@@ -310,10 +335,15 @@ impl Worker {
             released = summary.released,
             "worker stopped"
         );
-        match shared.fatal.get() {
-            Some((code, message)) => Err(WorkerError::Fatal {
-                code: code.as_str(),
-                message: message.clone(),
+        match shared.fatal.get().cloned() {
+            Some(Halt {
+                service,
+                code,
+                message,
+            }) => Err(WorkerError::Fatal {
+                service,
+                code,
+                message,
             }),
             None => Ok(summary),
         }

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use crate::aws::cognito::{CallError, Delivery, ErrorCode};
+use crate::aws::sqs::QueueError;
 use crate::backoff::Backoff;
 use crate::config::RetrySettings;
 use crate::job::JobError;
@@ -19,9 +20,14 @@ use crate::worker::outcome::Outcome;
 /// What a failed call means for the job and the campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Transient (throttling, 5xx, timeout, connection): retry in process with
-    /// backoff, then defer the message.
+    /// Transient (throttling, 5xx, a connection never made): retry in
+    /// process with backoff, then defer the message.
     Retryable,
+    /// The call was sent but its answer was lost (timeout, connection broken
+    /// mid-call): Cognito may have sent the code, and a second one would void
+    /// it. Never retried in process: deferred by
+    /// `retry.uncertain_delay_seconds`.
+    Uncertain,
     /// The per-user code limit: retrying now cannot succeed and may extend
     /// the lock-out, so defer by `retry.limit_exceeded_delay_seconds`.
     UserLimited,
@@ -45,7 +51,8 @@ pub fn classify(err: &CallError) -> Class {
         return Class::Permanent;
     }
     match err.code {
-        TooManyRequests | InternalError | Timeout | Connection | ServerError => Class::Retryable,
+        TooManyRequests | InternalError | Connection | ServerError => Class::Retryable,
+        Timeout | ConnectionLost => Class::Uncertain,
         LimitExceeded => Class::UserLimited,
         UserNotFound => Class::UserNotFound,
         InvalidParameter | UserLambdaValidation => Class::Permanent,
@@ -55,13 +62,31 @@ pub fn classify(err: &CallError) -> Class {
         | InvalidEmailRoleAccessPolicy
         | InvalidSmsRoleAccessPolicy
         | InvalidSmsRoleTrustRelationship
-        | Forbidden => Class::Fatal,
+        | Forbidden
+        | AccessDenied
+        | Credentials => Class::Fatal,
         // An unknown code is treated as transient: the message is retried and
         // eventually deferred, so it reaches the redrive policy's dead-letter
         // queue after maxReceiveCount rather than being dead-lettered (or the
         // campaign halted) on a guess.
         Other => Class::Retryable,
     }
+}
+
+/// True when an SQS error means the campaign cannot go on (a missing IAM
+/// permission, bad credentials, a queue that does not exist): the worker
+/// halts instead of backing off forever with `/readyz` at 503.
+pub fn queue_error_is_fatal(err: &QueueError) -> bool {
+    let Some(code) = err.code.as_deref() else {
+        return false;
+    };
+    matches!(
+        ErrorCode::from_aws_code(code),
+        ErrorCode::AccessDenied | ErrorCode::Credentials
+    ) || matches!(
+        code,
+        "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist"
+    )
 }
 
 /// What the job does after one call.
@@ -112,6 +137,10 @@ pub fn after_call(
             delay: backoff.next_delay().max(Duration::from_secs(1)),
         }),
         Class::RetryThenReject => Step::Done(reject()),
+        Class::Uncertain => Step::Done(Outcome::Deferred {
+            reason: "uncertain",
+            delay: Duration::from_secs(retry.uncertain_delay_seconds),
+        }),
         Class::UserLimited => Step::Done(Outcome::Deferred {
             reason: "user_limit_exceeded",
             delay: Duration::from_secs(retry.limit_exceeded_delay_seconds),
@@ -136,6 +165,17 @@ pub fn unparsable(err: &JobError) -> Outcome {
 pub fn duplicate() -> Outcome {
     Outcome::Skipped {
         reason: "duplicate",
+    }
+}
+
+/// Another task of this process holds the pair's claim right now. This copy
+/// may be the very message that task holds (an SQS duplicate) and its fate
+/// is not known yet, so it is never deleted: it comes back after
+/// `visibility`, when the pair is either sent (then skipped) or free.
+pub fn claimed_elsewhere(visibility: Duration) -> Outcome {
+    Outcome::Deferred {
+        reason: "claimed_elsewhere",
+        delay: visibility,
     }
 }
 
@@ -165,6 +205,7 @@ mod tests {
             max_attempts: 5,
             delivery_failure_max_attempts: 3,
             limit_exceeded_delay_seconds: 3600,
+            uncertain_delay_seconds: 300,
         }
     }
 
@@ -208,7 +249,6 @@ mod tests {
             // transient: retried up to retry.max_attempts (5), then deferred
             (Some(error(TooManyRequests, msg)), 1, Want::Retry),
             (Some(error(InternalError, msg)), 4, Want::Retry),
-            (Some(error(Timeout, msg)), 2, Want::Retry),
             (Some(error(Connection, msg)), 3, Want::Retry),
             (Some(error(ServerError, msg)), 1, Want::Retry),
             (Some(error(Other, msg)), 1, Want::Retry),
@@ -221,6 +261,18 @@ mod tests {
                 Some(error(Other, msg)),
                 5,
                 Want::Done("deferred", "retries_exhausted"),
+            ),
+            // sent but the answer lost: deferred at once, never retried in
+            // process (a second call could be a second email)
+            (
+                Some(error(Timeout, msg)),
+                1,
+                Want::Done("deferred", "uncertain"),
+            ),
+            (
+                Some(error(ConnectionLost, msg)),
+                1,
+                Want::Done("deferred", "uncertain"),
             ),
             // per-user limit: deferred at once, never retried in process
             (
@@ -282,6 +334,9 @@ mod tests {
                 Want::Halt,
             ),
             (Some(error(Forbidden, msg)), 1, Want::Halt),
+            // missing IAM permission, bad or expired credentials
+            (Some(error(AccessDenied, msg)), 1, Want::Halt),
+            (Some(error(Credentials, msg)), 1, Want::Halt),
             // NotAuthorized about one user's state is that job's problem
             (
                 Some(error(NotAuthorized, "User is disabled.")),
@@ -310,6 +365,30 @@ mod tests {
                 "{:?} at attempt {attempt}: got {step:?}, want {want:?}",
                 err.as_ref().map(|e| e.code)
             );
+        }
+    }
+
+    #[test]
+    fn iam_and_credential_errors_on_sqs_are_fatal() {
+        let err = |code: Option<&str>| QueueError {
+            operation: "ReceiveMessage",
+            queue: "q".into(),
+            code: code.map(str::to_owned),
+            detail: String::new(),
+        };
+        for code in [
+            "AccessDenied",
+            "AccessDeniedException",
+            "InvalidClientTokenId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "AWS.SimpleQueueService.NonExistentQueue",
+            "QueueDoesNotExist",
+        ] {
+            assert!(queue_error_is_fatal(&err(Some(code))), "{code}");
+        }
+        for code in [Some("InternalError"), Some("ServiceUnavailable"), None] {
+            assert!(!queue_error_is_fatal(&err(code)), "{code:?}");
         }
     }
 
@@ -348,6 +427,8 @@ mod tests {
         let o = unparsable(&err);
         assert_eq!((o.label(), o.reason()), ("rejected", "invalid_json"));
         assert_eq!(duplicate().label(), "skipped");
+        let o = claimed_elsewhere(Duration::from_secs(60));
+        assert_eq!((o.label(), o.reason()), ("deferred", "claimed_elsewhere"));
         assert_eq!(released("paused").reason(), "paused");
         let o = dead_letter_failed(Duration::from_secs(60));
         assert_eq!((o.label(), o.reason()), ("deferred", "dead_letter_failed"));

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Shared;
+use super::dedup::Claim;
 use super::outcome::{Outcome, Report};
 use super::policy::{self, Step};
 use crate::aws::cognito::ErrorCode;
@@ -102,16 +103,20 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
         }
     };
     let user = Some(shared.hasher.user_ref(&job.username));
+    let without_call = |outcome| Called {
+        outcome,
+        attempts: 0,
+        last_error: None,
+    };
     let called = match shared.dedup.claim(&job) {
-        None => Called {
-            outcome: policy::duplicate(),
-            attempts: 0,
-            last_error: None,
-        },
-        Some(claim) => {
+        Claim::Sent => without_call(policy::duplicate()),
+        Claim::InProgress => without_call(policy::claimed_elsewhere(shared.visibility)),
+        Claim::Granted(key) => {
             let called = call_until_decided(shared, &job).await;
-            if !matches!(called.outcome, Outcome::Sent { .. }) {
-                shared.dedup.forget(claim);
+            if matches!(called.outcome, Outcome::Sent { .. }) {
+                shared.dedup.sent(key);
+            } else {
+                shared.dedup.forget(key);
             }
             called
         }
