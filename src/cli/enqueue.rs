@@ -351,6 +351,15 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         Box::new(std::io::BufReader::new(file))
     };
     let loaded = input::load(&mut *reader, &args.file, args.format, &args.campaign)?;
+    if args.format == Format::Auto
+        && let Some(format) = loaded.format
+    {
+        eprintln!(
+            "reading {} as {} (guessed; --format sets it)",
+            args.file,
+            format.name()
+        );
+    }
     let rejects_path = args.rejects.clone().unwrap_or_else(|| {
         if stdin {
             PathBuf::from("enqueue-rejects.csv")

@@ -22,6 +22,18 @@ pub enum Format {
     Lines,
 }
 
+impl Format {
+    /// The name `--format` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Lines => "lines",
+        }
+    }
+}
+
 /// A row that failed validation: 1-based line number (data rows of a CSV
 /// count from line 2) and the reason, which never quotes the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +49,8 @@ pub struct Loaded {
     pub jobs: Vec<(String, String)>,
     pub rejects: Vec<Reject>,
     pub duplicates: usize,
+    /// The format read: the given one, or the guess for `auto`.
+    pub format: Option<Format>,
 }
 
 /// Reads and validates every row.
@@ -57,6 +71,10 @@ pub fn load(
         Format::Auto => detect(name, &text),
         f => f,
     };
+    let mut loaded = Loaded {
+        format: Some(format),
+        ..Loaded::default()
+    };
     let rows: Vec<Row> = match format {
         Format::Csv => csv_rows(&text)?,
         Format::Jsonl => jsonl_rows(&text),
@@ -72,7 +90,6 @@ pub fn load(
             .collect(),
     };
 
-    let mut loaded = Loaded::default();
     let mut seen = HashSet::new();
     for (line, row) in rows {
         let mut object = match row {
@@ -123,12 +140,14 @@ fn detect(name: &str, text: &str) -> Format {
         return Format::Jsonl;
     }
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    // A first line that is a header naming the `username` column means CSV,
+    // also with that one column only: as a plain list, the header would be
+    // sent a reset as the user `username`.
     if first.trim_start().starts_with('{') {
         Format::Jsonl
-    } else if first.contains(',')
-        && first
-            .split(',')
-            .any(|h| h.trim().trim_matches('"').eq_ignore_ascii_case("username"))
+    } else if first
+        .split(',')
+        .any(|h| h.trim().trim_matches('"').eq_ignore_ascii_case("username"))
     {
         Format::Csv
     } else {
@@ -248,5 +267,18 @@ mod tests {
         assert_eq!(loaded.jobs.len(), 2);
         assert_eq!(loaded.duplicates, 1);
         assert_eq!(loaded.jobs[1].0, "b@example.com");
+        assert_eq!(loaded.format, Some(Format::Lines));
+    }
+
+    #[test]
+    fn a_one_column_csv_on_stdin_is_not_a_list_with_a_user_called_username() {
+        // Hardening #15: `printf 'username\na@x.com\n' | reset-worker enqueue -`
+        // sent a reset to the user `username`.
+        let loaded = load_str("-", "username\na@x.com\n");
+        assert_eq!(loaded.format, Some(Format::Csv));
+        let users: Vec<&str> = loaded.jobs.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(users, vec!["a@x.com"]);
+        let loaded = load_str("-", "\"Username\"\nb@x.com\n");
+        assert_eq!(loaded.jobs.len(), 1);
     }
 }
