@@ -114,6 +114,17 @@ impl Cli {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        let checked = match &self.command {
+            Command::Run {
+                until_empty: true, ..
+            } => settings.check_until_empty(),
+            _ => Ok(()),
+        };
+        if let Err(err) = checked {
+            tracing::error!(error = %err, "configuration rejected");
+            eprintln!("reset-worker: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         if let Command::Config { .. } = self.command {
             for line in settings.explain(config_path.as_deref()) {
                 println!("{} = {}    # {}", line.key, line.value, line.source);

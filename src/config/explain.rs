@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use serde::Serialize;
 
-use super::{ENV_NOT_KEYS, ENV_PREFIX, Settings};
+use super::{ENV_SECRETS, Settings, env_layer};
 
 /// One line of `reset-worker config`: a key, its effective value (secrets
 /// redacted) and where the value came from.
@@ -25,15 +25,20 @@ impl Settings {
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        let figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS));
+        let figment = figment.merge(env_layer());
         let mut out = Vec::new();
         let value = serde_json::to_value(self).unwrap_or_default();
         flatten("", &value, &mut |key, value| {
-            let source = figment
-                .find_metadata(key)
-                .map(|m| match &m.source {
-                    Some(src) => format!("{} ({src})", m.name),
-                    None => m.name.to_string(),
+            let from_env = ENV_SECRETS
+                .iter()
+                .find(|(k, var)| *k == key && std::env::var_os(var).is_some())
+                .map(|(_, var)| format!("`{var}` environment variable"));
+            let source = from_env
+                .or_else(|| {
+                    figment.find_metadata(key).map(|m| match &m.source {
+                        Some(src) => format!("{} ({src})", m.name),
+                        None => m.name.to_string(),
+                    })
                 })
                 .unwrap_or_else(|| match &self.cognito.client_secret_file {
                     Some(path) if key == "cognito.client_secret" => {

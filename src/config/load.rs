@@ -5,11 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    Action, ConfigError, ENV_NOT_KEYS, ENV_PREFIX, MAX_VISIBILITY_SECONDS, Settings, invalid,
+    Action, ConfigError, ENV_SECRETS, MAX_VISIBILITY_SECONDS, Settings, env_layer, invalid,
     is_fifo,
 };
 
@@ -28,11 +28,26 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_KEYS));
+        figment = figment.merge(env_layer());
         let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.secrets_from_env();
         settings.resolve_secret_file()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The secrets given as environment variables, verbatim.
+    fn secrets_from_env(&mut self) {
+        for (key, var) in ENV_SECRETS {
+            let Ok(value) = std::env::var(var) else {
+                continue;
+            };
+            let slot = match *key {
+                "cognito.client_secret" => &mut self.cognito.client_secret,
+                _ => &mut self.logging.username_hash_key,
+            };
+            *slot = Some(SecretString::from(value));
+        }
     }
 
     fn resolve_secret_file(&mut self) -> Result<(), ConfigError> {
@@ -48,6 +63,20 @@ impl Settings {
         let raw = std::fs::read_to_string(&path)
             .map_err(|source| ConfigError::SecretFile { path, source })?;
         self.cognito.client_secret = Some(SecretString::from(raw.trim_end().to_owned()));
+        Ok(())
+    }
+
+    /// `run --until-empty` needs long polls: a short poll (wait 0) samples
+    /// only some of SQS's servers and can come back empty while messages
+    /// wait, so the worker would report "drained" too early.
+    pub fn check_until_empty(&self) -> Result<(), ConfigError> {
+        if self.sqs.wait_time_seconds == 0 {
+            return Err(invalid(
+                "sqs.wait_time_seconds",
+                "is 0; `run --until-empty` needs long polls (1-20): a short poll \
+                 can come back empty while messages wait",
+            ));
+        }
         Ok(())
     }
 
@@ -158,6 +187,17 @@ impl Settings {
             1,
             3600,
         )?;
+        if self.shutdown.grace_seconds < c.request_timeout_seconds {
+            return Err(invalid(
+                "shutdown.grace_seconds",
+                format!(
+                    "is {}; it must be at least `cognito.request_timeout_seconds` ({}), \
+                     or a call already sent could be cut off at shutdown and its \
+                     message redelivered (a second email)",
+                    self.shutdown.grace_seconds, c.request_timeout_seconds
+                ),
+            ));
+        }
         in_range(
             "dedup.window_seconds",
             self.dedup.window_seconds,
@@ -334,6 +374,64 @@ mod tests {
             jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "inline");
             let err = load_err(jail, REQUIRED);
             assert!(err.contains("client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_from_env_are_verbatim_and_never_echoed() {
+        // Hardening #14: a 19-digit secret failed to load, and the error
+        // printed it; a quoted one was silently unquoted.
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", REQUIRED)?;
+            for secret in ["1234567890123456789", "\"quoted\"", "true", "[1, 2]"] {
+                jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", secret);
+                jail.set_env("RESET_WORKER_LOGGING__USERNAME_HASH_KEY", secret);
+                let s = Settings::load(Some(Path::new("c.toml")))
+                    .map_err(|e| format!("{secret}: {e}"))?;
+                let got = s.cognito.client_secret.as_ref().map(|s| s.expose_secret());
+                assert_eq!(got, Some(secret));
+                let key = s.logging.username_hash_key.as_ref().map(|s| s.expose_secret());
+                assert_eq!(key, Some(secret));
+            }
+            // An invalid config never quotes the secret it was given.
+            jail.set_env("RESET_WORKER_COGNITO__CLIENT_SECRET", "9876543210987654321");
+            jail.set_env("RESET_WORKER_LIMITS__CONCURRENCY", "0");
+            let err = load_err(jail, REQUIRED);
+            assert!(!err.contains("9876543210987654321"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn grace_period_must_cover_a_call() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let err = load_err(
+                jail,
+                &format!("{REQUIRED}\n[shutdown]\ngrace_seconds = 5\n"),
+            );
+            assert!(err.contains("shutdown.grace_seconds"), "{err}");
+            assert!(err.contains("request_timeout_seconds"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn until_empty_needs_long_polls() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                "[sqs]\nqueue_url = \"http://x/q\"\nwait_time_seconds = 0\n[cognito]\nclient_id = \"c\"\n",
+            )?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            let err = s.check_until_empty().unwrap_err().to_string();
+            assert!(err.contains("sqs.wait_time_seconds"), "{err}");
+            jail.set_env("RESET_WORKER_SQS__WAIT_TIME_SECONDS", "1");
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert!(s.check_until_empty().is_ok());
             Ok(())
         });
     }

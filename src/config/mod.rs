@@ -29,6 +29,28 @@ pub const ENV_PREFIX: &str = "RESET_WORKER_";
 /// Environment variables that share the prefix but are not config keys.
 const ENV_NOT_KEYS: &[&str] = &["config", "log_format"];
 
+/// Secrets set through the environment: taken verbatim as strings, never
+/// parsed. figment's `Env` reads values TOML-style, so a numeric secret
+/// failed with an error that echoed it, and a quoted one lost its quotes.
+/// (config key, environment variable)
+const ENV_SECRETS: &[(&str, &str)] = &[
+    ("cognito.client_secret", "RESET_WORKER_COGNITO__CLIENT_SECRET"),
+    ("logging.username_hash_key", "RESET_WORKER_LOGGING__USERNAME_HASH_KEY"),
+];
+
+/// The `RESET_WORKER_*` layer, without the secrets (see [`ENV_SECRETS`]).
+fn env_layer() -> figment::providers::Env {
+    // `ignore` runs after `split`, on the dotted, case-insensitive key.
+    let ignored: Vec<&str> = ENV_NOT_KEYS
+        .iter()
+        .copied()
+        .chain(ENV_SECRETS.iter().map(|(key, _)| *key))
+        .collect();
+    figment::providers::Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .ignore(&ignored)
+}
+
 /// SQS names every FIFO queue (and so its URL) with the `.fifo` suffix.
 pub fn is_fifo(queue_url: &str) -> bool {
     queue_url.ends_with(".fifo")
