@@ -9,7 +9,7 @@
 //! polled in a tight loop.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
 use aws_sdk_sqs::Client;
@@ -54,6 +54,10 @@ pub struct ReceivedMessage {
     /// FIFO only: copied to the dead-letter message.
     pub group_id: Option<String>,
     pub attributes: HashMap<String, MessageAttributeValue>,
+    /// When this receive answered (taken just before the request went out,
+    /// so it never runs late): SQS counts its 12-hour visibility limit from
+    /// the receive.
+    pub received_at: Instant,
 }
 
 impl ReceivedMessage {
@@ -61,6 +65,23 @@ impl ReceivedMessage {
         self.sent_at
             .and_then(|t| SystemTime::now().duration_since(t).ok())
     }
+
+    /// The longest visibility SQS still accepts for this receive: 12 hours
+    /// from the receive, less [`VISIBILITY_LIMIT_MARGIN`].
+    pub fn visibility_left(&self) -> Duration {
+        visibility_left(self.received_at.elapsed())
+    }
+}
+
+/// Slack under SQS's 12-hour limit for clock and request latency.
+pub const VISIBILITY_LIMIT_MARGIN: Duration = Duration::from_secs(60);
+
+/// SQS refuses a ChangeMessageVisibility that would keep a message hidden
+/// beyond 12 hours from its receive; what is left after `since_receive`.
+pub fn visibility_left(since_receive: Duration) -> Duration {
+    Duration::from_secs(MAX_VISIBILITY_SECONDS)
+        .saturating_sub(since_receive)
+        .saturating_sub(VISIBILITY_LIMIT_MARGIN)
 }
 
 /// The job queue and its optional dead-letter queue.
@@ -127,6 +148,7 @@ impl Queue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        let received_at = Instant::now();
         let out = self
             .client
             .receive_message()
@@ -161,6 +183,7 @@ impl Queue {
                         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
                     group_id: get(MessageSystemAttributeName::MessageGroupId),
                     attributes: m.message_attributes.unwrap_or_default(),
+                    received_at,
                 })
             })
             .collect();
@@ -340,4 +363,23 @@ pub struct FailedDelete {
     /// True when retrying cannot help (e.g. an expired receipt handle).
     pub sender_fault: bool,
     pub code: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferrals_fit_in_the_12_hours_from_the_receive() {
+        // Hardening #9: a deferral of 43200 s asked for after the receive
+        // was refused by SQS every time.
+        let h = |hours: u64| Duration::from_secs(hours * 3600);
+        assert_eq!(visibility_left(Duration::ZERO), h(12) - VISIBILITY_LIMIT_MARGIN);
+        assert_eq!(
+            visibility_left(h(11)),
+            h(1) - VISIBILITY_LIMIT_MARGIN,
+            "an hour left"
+        );
+        assert_eq!(visibility_left(h(13)), Duration::ZERO);
+    }
 }

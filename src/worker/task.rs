@@ -203,7 +203,21 @@ async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outc
                 }
             }
         }
-        Outcome::Deferred { delay, .. } => set_visibility(shared, msg, *delay).await,
+        Outcome::Deferred { delay, reason } => {
+            let left = msg.visibility_left();
+            if *delay > left {
+                // SQS refuses more than 12 h from the receive: defer as long
+                // as it allows; the message is simply back sooner.
+                tracing::warn!(
+                    message_id = %msg.message_id,
+                    reason,
+                    wanted_seconds = delay.as_secs(),
+                    clamped_seconds = left.as_secs(),
+                    "deferral clamped to SQS's 12-hour limit from the receive"
+                );
+            }
+            set_visibility(shared, msg, (*delay).min(left)).await
+        }
         Outcome::Released { .. } => set_visibility(shared, msg, Duration::ZERO).await,
     }
     outcome
