@@ -108,25 +108,37 @@ async fn run_deleter(
     let mut pending: Vec<PendingDelete> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut open = true;
-    // Pause after a failed DeleteMessageBatch call (zero after a success):
-    // the ceilings of `backoff`, without jitter, as one batcher has no herd
-    // to spread. A success resets it.
-    let mut failure_pause = Duration::ZERO;
+    // After a failed DeleteMessageBatch call no flush, full batch or not,
+    // goes out before `retry_at`: the ceilings of `backoff`, without jitter,
+    // as one batcher has no herd to spread. A success resets both. (A full
+    // batch used to skip the pause, so at 10/s and more every attempt burned
+    // within a second and the deletes were given up.)
+    let mut retry_at: Option<Instant> = None;
     let mut backoff = new_failure_backoff();
     while open || !pending.is_empty() {
-        let flush_at = oldest.map(|t| t + flush_interval.max(failure_pause));
-        let full = pending.len() >= MAX_BATCH;
-        if !full && open {
+        let due = (!pending.is_empty()).then(|| {
+            let batch_due = if pending.len() >= MAX_BATCH || !open {
+                Instant::now()
+            } else {
+                oldest.unwrap_or_else(Instant::now) + flush_interval
+            };
+            retry_at.map_or(batch_due, |r| batch_due.max(r))
+        });
+        if open {
             tokio::select! {
+                biased;
+                _ = sleep_until_opt(due) => {}
                 item = rx.recv() => match item {
                     Some(p) => {
                         oldest.get_or_insert_with(Instant::now);
                         pending.push(p);
                         continue;
                     }
-                    None => open = false,
+                    None => {
+                        open = false;
+                        continue;
+                    }
                 },
-                _ = sleep_until_opt(flush_at) => {}
                 // Closing: stop new sends, then keep receiving what is
                 // already buffered until `recv` returns `None`.
                 _ = close.cancelled(), if !rx.is_closed() => {
@@ -134,8 +146,8 @@ async fn run_deleter(
                     continue;
                 }
             }
-        } else if !open && !failure_pause.is_zero() {
-            tokio::time::sleep(failure_pause).await;
+        } else {
+            sleep_until_opt(due).await;
         }
         if pending.is_empty() {
             oldest = None;
@@ -147,8 +159,13 @@ async fn run_deleter(
         let handles: Vec<&str> = batch.iter().map(|p| p.receipt_handle.as_str()).collect();
         match queue.delete_batch(&handles).await {
             Ok(failed) => {
-                failure_pause = Duration::ZERO;
-                backoff = new_failure_backoff();
+                // Refused entries retried later are a failure too.
+                if failed.iter().any(|f| !f.sender_fault) {
+                    retry_at = Some(Instant::now() + backoff.next_ceiling());
+                } else {
+                    retry_at = None;
+                    backoff = new_failure_backoff();
+                }
                 let mut failed_idx: Vec<Option<FailedDelete>> =
                     batch.iter().map(|_| None).collect();
                 for f in failed {
@@ -170,7 +187,7 @@ async fn run_deleter(
             }
             Err(err) => {
                 tracing::warn!(error = %err, entries = batch.len(), "DeleteMessageBatch failed; will retry");
-                failure_pause = backoff.next_ceiling();
+                retry_at = Some(Instant::now() + backoff.next_ceiling());
                 for p in batch {
                     requeue(&mut pending, p, "call_failed");
                 }
@@ -202,5 +219,92 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+    /// Fails every call and records when each one arrived.
+    struct FailAndRecord(Arc<Mutex<Vec<Instant>>>);
+
+    impl Respond for FailAndRecord {
+        fn respond(&self, _: &Request) -> ResponseTemplate {
+            self.0.lock().unwrap().push(Instant::now());
+            ResponseTemplate::new(400).set_body_raw(
+                r#"{"__type":"com.amazonaws.sqs#InvalidAddress","message":"no"}"#,
+                "application/x-amz-json-1.0",
+            )
+        }
+    }
+
+    fn message(i: usize) -> ReceivedMessage {
+        ReceivedMessage {
+            message_id: format!("m{i}"),
+            receipt_handle: format!("r{i}"),
+            body: String::new(),
+            receive_count: 1,
+            sent_at: None,
+            group_id: None,
+            attributes: Default::default(),
+            received_at: Instant::now(),
+        }
+    }
+
+    /// Hardening #3: with 10 or more deletes pending, a failed batch was
+    /// retried at once, so every attempt burned within milliseconds. Only
+    /// a lower bound on the gaps is asserted: a slow machine makes them
+    /// longer, never shorter.
+    #[tokio::test]
+    async fn a_failed_full_batch_waits_before_its_retry() {
+        let server = MockServer::start().await;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        Mock::given(method("POST"))
+            .respond_with(FailAndRecord(arrivals.clone()))
+            .mount(&server)
+            .await;
+        let conf = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .endpoint_url(server.uri())
+            .retry_config(aws_sdk_sqs::config::retry::RetryConfig::disabled())
+            .build();
+        let queue = Arc::new(Queue::new(
+            aws_sdk_sqs::Client::from_conf(conf),
+            format!("{}/123456789012/q", server.uri()),
+            None,
+        ));
+        let (deleter, batcher) = Deleter::new(queue, Duration::from_secs(1));
+        // One full batch.
+        for i in 0..MAX_BATCH {
+            deleter.delete(&message(i));
+        }
+        let close = CancellationToken::new();
+        let task = tokio::spawn(batcher.run(close.clone()));
+        // Tried DELETE_ATTEMPTS times, then given up.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while deleter.outstanding() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every delete finished (given up) within 30 s");
+        close.cancel();
+        task.await.unwrap();
+        let arrivals = arrivals.lock().unwrap().clone();
+        assert_eq!(arrivals.len(), DELETE_ATTEMPTS as usize);
+        let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+        // The first retry waits 200 ms; every later call follows a failure too.
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_millis(190)),
+            "a call followed a failure without a pause: {gaps:?}"
+        );
     }
 }
