@@ -155,6 +155,19 @@ fn gcra(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
     )))
 }
 
+/// A limiter for a live change: it starts with its burst spent. A fresh
+/// GCRA holds a full burst, and calls granted by the limiter it replaces
+/// are still in the current one-second window, so a full burst on top could
+/// take that window past the cap.
+fn gcra_spent(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let limiter = gcra(rps, burst)?;
+    if let Some(n) = NonZeroU32::new(burst.max(1)) {
+        // Cannot fail: `n` is the burst the limiter was built with.
+        let _ = limiter.check_n(n);
+    }
+    Some(limiter)
+}
+
 impl RateLimiter {
     pub fn new(limits: Limits) -> Self {
         telemetry::rate_limit(f64::from(limits.max_rps));
@@ -181,7 +194,7 @@ impl RateLimiter {
     /// Applies new limits at once (live reload).
     pub fn set_limits(&self, limits: Limits) {
         if let Ok(mut hard) = self.hard.write() {
-            *hard = gcra(limits.max_rps, limits.burst);
+            *hard = gcra_spent(limits.max_rps, limits.burst);
         }
         self.with_adaptive(|a| a.aimd.set_max(limits.max_rps, Instant::now()));
         self.limits.send_replace(limits);
@@ -363,6 +376,38 @@ mod tests {
             "{:?}",
             grants[89]
         );
+    }
+
+    /// Hardening #13: a limiter built for a live change started with a full
+    /// burst, on top of the calls the old one granted in the same second.
+    /// Only an upper bound on grants in a time span is asserted: a slow
+    /// machine can only make grants later.
+    #[tokio::test]
+    async fn a_live_change_does_not_add_a_fresh_burst() {
+        let limiter = RateLimiter::new(Limits {
+            max_rps: 1000,
+            burst: 20,
+        });
+        for _ in 0..20 {
+            limiter.acquire().await.unwrap();
+        }
+        limiter.set_limits(Limits {
+            max_rps: 10,
+            burst: 10,
+        });
+        let changed = Instant::now();
+        let mut grants = 0;
+        while changed.elapsed() < Duration::from_millis(150) {
+            if tokio::time::timeout(Duration::from_millis(10), limiter.acquire())
+                .await
+                .is_ok()
+            {
+                grants += 1;
+            }
+        }
+        // At 10/s with the burst spent: at most the one call due 100 ms on
+        // (and one more for timer slack), not a burst of 10.
+        assert!(grants <= 2, "{grants} calls in 150 ms after the change");
     }
 
     #[tokio::test]

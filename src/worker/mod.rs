@@ -269,6 +269,13 @@ impl Worker {
             let Some(held) = listener.take_permits(&permits).await else {
                 break;
             };
+            // Paused while waiting for permits: receive nothing, or the
+            // messages would be released at once with one more receive count
+            // (which brings them closer to the dead-letter queue).
+            if shared.limiter.is_paused() {
+                drop(held);
+                continue;
+            }
             let (received, stopping) = listener.receive(held.len()).await;
             let messages = match received {
                 Some(Ok(m)) => {
