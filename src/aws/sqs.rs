@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_config::SdkConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{
@@ -37,8 +38,25 @@ pub struct QueueError {
     pub detail: String,
 }
 
+/// Time limit for one SQS call but a receive, retries included: a
+/// black-holed connection must not hang a heartbeat, a delete or a deferral.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A receive may take its long-poll wait plus this.
+pub const RECEIVE_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+
+/// The SQS client: the SDK's standard retries (3 attempts) within
+/// [`CALL_TIMEOUT`] per call; a receive gets its own limit (see
+/// [`Queue::receive`]).
 pub fn build_client(sdk: &SdkConfig) -> Client {
-    Client::new(sdk)
+    let conf = aws_sdk_sqs::config::Builder::from(sdk)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(CALL_TIMEOUT)
+                .connect_timeout(Duration::from_secs(3))
+                .build(),
+        )
+        .build();
+    Client::from_conf(conf)
 }
 
 /// One received message, with what the worker needs from its attributes.
@@ -160,6 +178,14 @@ impl Queue {
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .message_attribute_names("All")
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    TimeoutConfig::builder()
+                        .operation_timeout(wait + RECEIVE_TIMEOUT_MARGIN)
+                        .build(),
+                ),
+            )
             .send()
             .await
             .map_err(|e| self.error("ReceiveMessage", &self.url, e))?;
@@ -368,6 +394,38 @@ pub struct FailedDelete {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    use wiremock::matchers::{header, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    /// Hardening #2: a connection that never answers hung ReceiveMessage
+    /// (and every other call) forever.
+    #[tokio::test]
+    async fn a_black_holed_receive_fails_after_its_wait_and_margin() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(header("x-amz-target", "AmazonSQS.ReceiveMessage"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3600)))
+            .mount(&server)
+            .await;
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                Credentials::new("test", "test", None, None, "test"),
+            ))
+            .endpoint_url(server.uri())
+            .build();
+        let queue = Queue::new(build_client(&sdk), format!("{}/1/q", server.uri()), None);
+        let wait = Duration::from_secs(1);
+        let result = tokio::time::timeout(
+            Duration::from_secs(60),
+            queue.receive(1, wait, Duration::from_secs(30)),
+        )
+        .await
+        .expect("the receive must end by itself, not hang");
+        assert!(result.is_err(), "a receive that got no answer is an error");
+    }
 
     #[test]
     fn deferrals_fit_in_the_12_hours_from_the_receive() {
