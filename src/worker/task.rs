@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::dedup::Claim;
@@ -21,10 +22,18 @@ use crate::telemetry;
 /// the receive loop never holds more messages than it has slots.
 pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: OwnedSemaphorePermit) {
     let _in_flight = InFlight::enter();
-    let decided = tokio::select! {
-        d = decide(&shared, &msg) => d,
-        never = heartbeat(&shared, &msg) => match never {},
-    };
+    // The heartbeat stops when the job is decided, but a visibility change
+    // it already sent is let finish first: landing after `apply` it would
+    // re-hide a released message or cut a long deferral short.
+    let decided_token = CancellationToken::new();
+    let (decided, ()) = tokio::join!(
+        async {
+            let decided = decide(&shared, &msg).await;
+            decided_token.cancel();
+            decided
+        },
+        heartbeat(&shared, &msg, &decided_token),
+    );
     let outcome = apply(&shared, &msg, decided.outcome).await;
     shared.tally.record(&Report {
         outcome: &outcome,
@@ -72,11 +81,15 @@ impl Drop for InFlight {
 }
 
 /// Keeps a running job's message invisible: at half the visibility timeout,
-/// extends it by a full one. Ends only when the job's future wins the select.
-async fn heartbeat(shared: &Shared, msg: &ReceivedMessage) -> std::convert::Infallible {
+/// extends it by a full one. Returns once `decided` fires, never in the
+/// middle of a call.
+async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, decided: &CancellationToken) {
     let vt = shared.visibility;
     loop {
-        tokio::time::sleep(vt / 2).await;
+        tokio::select! {
+            _ = decided.cancelled() => return,
+            _ = tokio::time::sleep(vt / 2) => {}
+        }
         if let Err(err) = shared
             .queue
             .change_visibility(&msg.receipt_handle, vt)
