@@ -27,6 +27,63 @@ use crate::telemetry;
 pub const MAX_BATCH: usize = 10;
 /// SQS allows at most 10 message attributes.
 const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+/// A queue's `MaximumMessageSize` when it was not read.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// The `reset_worker_detail` attribute is cut to this many characters.
+const MAX_DETAIL_CHARS: usize = 1024;
+
+/// What became of a dead-letter copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLettered {
+    Copied,
+    /// The body with the reason attributes exceeds the dead-letter queue's
+    /// `MaximumMessageSize` (bytes): no copy can ever succeed.
+    TooLarge { limit: usize },
+}
+
+/// How SQS counts an attribute toward the message size: its name, its data
+/// type and its value.
+fn attribute_bytes(name: &str, value: &MessageAttributeValue) -> usize {
+    name.len()
+        + value.data_type().len()
+        + value.string_value().map_or(0, str::len)
+        + value.binary_value().map_or(0, |b| b.as_ref().len())
+}
+
+/// The attributes of a dead-letter copy of a `body_bytes` body under
+/// `limit` bytes: all of `ours` (the reason is never dropped), then the
+/// original attributes, by name, as far as the size and SQS's 10 allow.
+/// `None` when even the body and `ours` do not fit.
+fn fit_dead_letter(
+    body_bytes: usize,
+    limit: usize,
+    ours: Vec<(String, MessageAttributeValue)>,
+    originals: &HashMap<String, MessageAttributeValue>,
+) -> Option<HashMap<String, MessageAttributeValue>> {
+    let mut size = body_bytes
+        + ours
+            .iter()
+            .map(|(k, v)| attribute_bytes(k, v))
+            .sum::<usize>();
+    if size > limit {
+        return None;
+    }
+    let mut attributes: HashMap<String, MessageAttributeValue> = ours.into_iter().collect();
+    let mut originals: Vec<_> = originals.iter().collect();
+    originals.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, value) in originals {
+        let bytes = attribute_bytes(name, value);
+        if attributes.len() >= MAX_MESSAGE_ATTRIBUTES
+            || attributes.contains_key(name)
+            || size + bytes > limit
+        {
+            continue;
+        }
+        size += bytes;
+        attributes.insert(name.clone(), value.clone());
+    }
+    Some(attributes)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("SQS {operation} on {queue} failed: {detail}")]
@@ -107,6 +164,9 @@ pub struct Queue {
     client: Client,
     url: String,
     dlq_url: Option<String>,
+    /// The dead-letter queue's `MaximumMessageSize`, read at start-up;
+    /// SQS's default (256 KiB) until then.
+    dlq_max_bytes: std::sync::OnceLock<usize>,
 }
 
 impl Queue {
@@ -115,7 +175,25 @@ impl Queue {
             client,
             url,
             dlq_url,
+            dlq_max_bytes: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the dead-letter queue's `MaximumMessageSize` attribute.
+    pub fn set_dead_letter_limit(&self, attributes: &HashMap<String, String>) {
+        if let Some(bytes) = attributes
+            .get("MaximumMessageSize")
+            .and_then(|v| v.parse().ok())
+        {
+            let _ = self.dlq_max_bytes.set(bytes);
+        }
+    }
+
+    fn dead_letter_max_bytes(&self) -> usize {
+        self.dlq_max_bytes
+            .get()
+            .copied()
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
     pub fn url(&self) -> &str {
@@ -243,40 +321,38 @@ impl Queue {
         msg: &ReceivedMessage,
         reason: &str,
         detail: &str,
-    ) -> Result<(), QueueError> {
-        let mut attributes = HashMap::new();
-        let mut put = |name: &str, value: &str| {
-            // Built from known-good strings; a failure here would be a bug.
-            if let Ok(v) = MessageAttributeValue::builder()
+    ) -> Result<DeadLettered, QueueError> {
+        let string = |value: &str| {
+            MessageAttributeValue::builder()
                 .data_type("String")
                 .string_value(value)
                 .build()
-            {
-                attributes.insert(name.to_owned(), v);
-            }
+                .ok()
         };
-        put("reset_worker_reason", reason);
-        put(
-            "reset_worker_detail",
-            if detail.is_empty() { "-" } else { detail },
-        );
-        put("reset_worker_source_message_id", &msg.message_id);
-        put("reset_worker_receive_count", &msg.receive_count.to_string());
-        // Keep the original attributes too, as far as SQS's limit of 10 allows.
-        let mut originals: Vec<_> = msg.attributes.iter().collect();
-        originals.sort_by(|a, b| a.0.cmp(b.0));
-        for (k, v) in originals {
-            if attributes.len() >= MAX_MESSAGE_ATTRIBUTES {
-                break;
-            }
-            attributes.entry(k.clone()).or_insert_with(|| v.clone());
-        }
+        let detail: String = if detail.is_empty() { "-" } else { detail }
+            .chars()
+            .take(MAX_DETAIL_CHARS)
+            .collect();
+        let ours: Vec<(String, MessageAttributeValue)> = [
+            ("reset_worker_reason", reason.to_owned()),
+            ("reset_worker_detail", detail),
+            ("reset_worker_source_message_id", msg.message_id.clone()),
+            ("reset_worker_receive_count", msg.receive_count.to_string()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.to_owned(), string(&value)?)))
+        .collect();
+        let body = if msg.body.is_empty() { " " } else { &msg.body };
+        let limit = self.dead_letter_max_bytes();
+        let Some(attributes) = fit_dead_letter(body.len(), limit, ours, &msg.attributes) else {
+            return Ok(DeadLettered::TooLarge { limit });
+        };
 
         let mut request = self
             .client
             .send_message()
             .queue_url(dlq_url)
-            .message_body(if msg.body.is_empty() { " " } else { &msg.body })
+            .message_body(body)
             .set_message_attributes(Some(attributes));
         if is_fifo(dlq_url) {
             request = request
@@ -288,7 +364,7 @@ impl Queue {
             .await
             .map_err(|e| self.error("SendMessage", dlq_url, e))?;
         telemetry::sqs_request("SendMessage", true);
-        Ok(())
+        Ok(DeadLettered::Copied)
     }
 
     /// Sends up to 10 messages with SendMessageBatch. Returns the IDs of the
@@ -425,6 +501,41 @@ mod tests {
         .await
         .expect("the receive must end by itself, not hang");
         assert!(result.is_err(), "a receive that got no answer is an error");
+    }
+
+    fn string(value: &str) -> MessageAttributeValue {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(value)
+            .build()
+            .unwrap()
+    }
+
+    /// Hardening #11: a body near the dead-letter queue's limit plus its
+    /// attributes and ours was refused by SQS on every try.
+    #[test]
+    fn dead_letter_copies_fit_the_limit_dropping_originals_first() {
+        let ours = || vec![("reset_worker_reason".to_owned(), string("invalid_json"))];
+        let ours_bytes = "reset_worker_reason".len() + "String".len() + "invalid_json".len();
+        let originals: HashMap<_, _> = [("a", "x".repeat(40)), ("b", "y".repeat(40))]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), string(&v)))
+            .collect();
+        let one_original = 1 + "String".len() + 40;
+
+        // Room for everything.
+        let all = fit_dead_letter(100, 1000, ours(), &originals).unwrap();
+        assert_eq!(all.len(), 3);
+        // Room for one original: `a` (by name) is kept, `b` dropped.
+        let limit = 100 + ours_bytes + one_original;
+        let some = fit_dead_letter(100, limit, ours(), &originals).unwrap();
+        assert!(some.contains_key("reset_worker_reason") && some.contains_key("a"));
+        assert_eq!(some.len(), 2);
+        // No room for originals: the reason stays.
+        let none = fit_dead_letter(100, 100 + ours_bytes, ours(), &originals).unwrap();
+        assert_eq!(none.keys().collect::<Vec<_>>(), vec!["reset_worker_reason"]);
+        // Not even the reason fits: no copy can succeed.
+        assert!(fit_dead_letter(100, 100 + ours_bytes - 1, ours(), &originals).is_none());
     }
 
     #[test]

@@ -216,7 +216,8 @@ impl Worker {
         let queue = &self.listener.shared.queue;
         let attrs = queue.attributes(queue.url()).await?;
         if let Some(dlq) = queue.dead_letter_url() {
-            queue.attributes(dlq).await?;
+            let dlq_attributes = queue.attributes(dlq).await?;
+            queue.set_dead_letter_limit(&dlq_attributes);
         } else if !attrs.contains_key("RedrivePolicy") {
             tracing::warn!(
                 "no `sqs.dead_letter_queue_url` and the queue has no redrive policy: \

@@ -13,7 +13,7 @@ use super::dedup::Claim;
 use super::outcome::{Outcome, Report};
 use super::policy::{self, Step};
 use crate::aws::cognito::ErrorCode;
-use crate::aws::sqs::ReceivedMessage;
+use crate::aws::sqs::{DeadLettered, ReceivedMessage};
 use crate::backoff::Backoff;
 use crate::job::ResetJob;
 use crate::telemetry;
@@ -209,7 +209,12 @@ async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outc
                 return outcome;
             };
             match shared.queue.dead_letter(dlq, msg, reason, detail).await {
-                Ok(()) => shared.deleter.delete(msg),
+                Ok(DeadLettered::Copied) => shared.deleter.delete(msg),
+                Ok(DeadLettered::TooLarge { limit }) => {
+                    // Retrying cannot help: leave it to the queue's redrive
+                    // policy, as without a dead-letter queue.
+                    tracing::error!(message_id = %msg.message_id, limit_bytes = limit, "message too large for a dead-letter copy; left for the redrive policy");
+                }
                 Err(err) => {
                     tracing::error!(message_id = %msg.message_id, error = %err, "dead-letter copy failed; message kept for redelivery");
                     return policy::dead_letter_failed(shared.visibility);
