@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 use super::estimate;
-use super::input::{self, Format};
+use super::input::{self, Format, Job};
 use crate::aws::sqs::{FifoIds, MAX_BATCH, Outgoing, Queue, QueueError};
 use crate::backoff::Backoff;
 use crate::config::{Settings, is_fifo};
@@ -56,18 +56,35 @@ pub enum EnqueueError {
         "{failed} batches could not be sent after {BATCH_ATTEMPTS} attempts; re-run with --resume"
     )]
     Incomplete { failed: usize },
+    #[error("interrupted: {sent} of {total} jobs sent and recorded; re-run with --resume")]
+    Interrupted { sent: usize, total: usize },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
 
-/// Which batches of a campaign file were sent. Batches are consecutive runs
-/// of [`MAX_BATCH`] jobs over the validated, de-duplicated input, so the same
-/// input always yields the same batches.
+/// Which jobs of a campaign file were sent, entry by entry, and a digest of
+/// the validated job list they index, so `--resume` refuses an input that
+/// changed (a reordered file of the same size would otherwise skip some
+/// users and enqueue others twice).
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     pub campaign: String,
+    /// SHA-256 of the validated job bodies, in order.
+    pub digest: String,
     pub total_jobs: usize,
-    pub completed: BTreeSet<usize>,
+    /// Indices of the jobs SQS accepted.
+    pub sent: BTreeSet<usize>,
+}
+
+/// SHA-256, hex, of the job bodies in order (each followed by a newline).
+pub fn digest(jobs: &[Job]) -> String {
+    let mut hash = Sha256::new();
+    for job in jobs {
+        hash.update(job.body.as_bytes());
+        hash.update(b"\n");
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Checkpoint {
@@ -181,14 +198,39 @@ impl Progress {
     }
 }
 
-/// Sends the jobs, skipping batches the checkpoint records as sent.
+/// Splits `pending` (indices into `jobs`) into SendMessageBatch calls of at
+/// most 10 entries and `max_bytes` of bodies in all, in order.
+pub fn pack(jobs: &[Job], pending: &[usize], max_bytes: usize) -> Vec<Vec<usize>> {
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0;
+    for &i in pending {
+        let size = jobs[i].body.len();
+        match batches.last_mut() {
+            Some(batch) if batch.len() < MAX_BATCH && bytes + size <= max_bytes => {
+                batch.push(i);
+                bytes += size;
+            }
+            _ => {
+                batches.push(vec![i]);
+                bytes = size;
+            }
+        }
+    }
+    batches
+}
+
+/// Sends the jobs the checkpoint does not record as sent, recording each
+/// accepted entry. On SIGINT/SIGTERM it sends no new batch, lets the ones in
+/// flight finish, writes the checkpoint and stops.
 pub async fn send(
     queue: Arc<Queue>,
     campaign: &str,
-    jobs: &[(String, String)],
+    jobs: &[Job],
+    max_bytes: usize,
     checkpoint_path: Option<&Path>,
     resume: bool,
 ) -> Result<Sent, EnqueueError> {
+    let digest = digest(jobs);
     let mut checkpoint = match checkpoint_path {
         Some(path) => match Checkpoint::load(path)? {
             Some(_) if !resume => return Err(EnqueueError::CheckpointExists(path.to_owned())),
@@ -199,76 +241,74 @@ pub async fn send(
                     expected: campaign.to_owned(),
                 });
             }
-            Some(cp) if cp.total_jobs != jobs.len() => {
+            Some(cp) if cp.digest != digest || cp.total_jobs != jobs.len() => {
                 return Err(EnqueueError::Checkpoint {
                     path: path.to_owned(),
                     detail: format!(
-                        "it was written for {} jobs but the input now has {}; the input must not change between runs",
+                        "it was written for another input ({} jobs, digest {}…; now {} jobs, digest {}…); \
+                         the input must not change between runs",
                         cp.total_jobs,
-                        jobs.len()
+                        &cp.digest.get(..12).unwrap_or(&cp.digest),
+                        jobs.len(),
+                        &digest[..12]
                     ),
                 });
             }
             Some(cp) => cp,
             None => Checkpoint {
                 campaign: campaign.to_owned(),
+                digest: digest.clone(),
                 total_jobs: jobs.len(),
-                completed: BTreeSet::new(),
+                sent: BTreeSet::new(),
             },
         },
         None => Checkpoint::default(),
     };
     let fifo = is_fifo(queue.url());
-    let batches: Vec<&[(String, String)]> = jobs.chunks(MAX_BATCH).collect();
-    let already: usize = checkpoint
-        .completed
-        .iter()
-        .filter_map(|&i| batches.get(i).map(|b| b.len()))
-        .sum();
-    let mut progress = Progress::new(jobs.len());
-    let mut done = already;
-    progress.set(done);
-
-    let todo: Vec<usize> = (0..batches.len())
-        .filter(|i| !checkpoint.completed.contains(i))
+    let already = checkpoint.sent.len();
+    let pending: Vec<usize> = (0..jobs.len())
+        .filter(|i| !checkpoint.sent.contains(i))
         .collect();
-    let mut pending = todo
-        .into_iter()
-        .filter_map(|i| batches.get(i).map(|b| (i, *b)));
+    let mut batches = pack(jobs, &pending, max_bytes).into_iter();
+    let mut progress = Progress::new(jobs.len());
+    progress.set(checkpoint.sent.len());
+
+    let interrupted = crate::shutdown::on_signal().map_err(|e| EnqueueError::Checkpoint {
+        path: checkpoint_path.map(Path::to_owned).unwrap_or_default(),
+        detail: format!("cannot install signal handlers: {e}"),
+    })?;
     let mut in_flight = JoinSet::new();
     let mut failed = 0usize;
     loop {
-        while in_flight.len() < IN_FLIGHT_BATCHES {
-            let Some((index, batch)) = pending.next() else {
+        while in_flight.len() < IN_FLIGHT_BATCHES && !interrupted.is_cancelled() {
+            let Some(batch) = batches.next() else {
                 break;
             };
             let entries: Vec<Outgoing> = batch
                 .iter()
-                .enumerate()
-                .map(|(i, (username, body))| Outgoing {
+                .map(|&i| Outgoing {
                     id: i.to_string(),
-                    body: body.clone(),
-                    fifo: fifo.then(|| fifo_ids(campaign, username)),
+                    body: jobs[i].body.clone(),
+                    fifo: fifo.then(|| fifo_ids(campaign, &jobs[i].username)),
                 })
                 .collect();
             let queue = queue.clone();
-            in_flight.spawn(async move { (index, send_with_retries(&queue, entries).await) });
+            in_flight.spawn(async move { send_with_retries(&queue, entries).await });
         }
         let Some(joined) = in_flight.join_next().await else {
             break;
         };
         match joined {
-            Ok((index, Ok(()))) => {
-                checkpoint.completed.insert(index);
-                done += batches.get(index).map_or(0, |b| b.len());
-                progress.set(done);
+            Ok(result) => {
+                checkpoint.sent.extend(result.sent);
+                progress.set(checkpoint.sent.len());
                 if let Some(path) = checkpoint_path {
                     checkpoint.save(path)?;
                 }
-            }
-            Ok((index, Err(err))) => {
-                failed += 1;
-                tracing::error!(batch = index, error = %err, "batch not sent");
+                if let Some(err) = result.error {
+                    failed += 1;
+                    tracing::error!(error = %err, "batch not fully sent");
+                }
             }
             Err(join_error) => {
                 failed += 1;
@@ -277,38 +317,62 @@ pub async fn send(
         }
     }
     progress.finish();
+    let sent = checkpoint.sent.len() - already;
+    if interrupted.is_cancelled() && checkpoint.sent.len() < jobs.len() {
+        return Err(EnqueueError::Interrupted {
+            sent: checkpoint.sent.len(),
+            total: jobs.len(),
+        });
+    }
     if failed > 0 {
         return Err(EnqueueError::Incomplete { failed });
     }
     Ok(Sent {
-        enqueued: done - already,
+        enqueued: sent,
         already_enqueued: already,
     })
 }
 
-async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> Result<(), QueueError> {
+/// What one batch achieved: the job indices SQS accepted, and the error
+/// that stopped it, if any.
+struct BatchResult {
+    sent: Vec<usize>,
+    error: Option<QueueError>,
+}
+
+/// Sends one batch, retrying only the entries SQS refused (or all, after a
+/// failed call) up to [`BATCH_ATTEMPTS`] times.
+async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> BatchResult {
     // 400 ms doubling to 12.8 s, full jitter.
     let mut backoff = Backoff::new(Duration::from_millis(400), Duration::from_millis(12_800));
+    let mut sent = Vec::new();
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = queue.send_batch(&entries).await;
-        match result {
-            Ok(failed) if failed.is_empty() => return Ok(()),
+        let error = match queue.send_batch(&entries).await {
             Ok(failed) => {
                 let failed_ids: HashSet<String> = failed.into_iter().map(|(id, _)| id).collect();
-                entries.retain(|m| failed_ids.contains(&m.id));
-                if attempt >= BATCH_ATTEMPTS {
-                    return Err(QueueError {
-                        operation: "SendMessageBatch",
-                        queue: queue.url().to_owned(),
-                        code: None,
-                        detail: format!("{} entries still refused", entries.len()),
-                    });
+                let (refused, accepted): (Vec<Outgoing>, Vec<Outgoing>) =
+                    entries.into_iter().partition(|m| failed_ids.contains(&m.id));
+                sent.extend(accepted.iter().filter_map(|m| m.id.parse::<usize>().ok()));
+                entries = refused;
+                if entries.is_empty() {
+                    return BatchResult { sent, error: None };
+                }
+                QueueError {
+                    operation: "SendMessageBatch",
+                    queue: queue.url().to_owned(),
+                    code: None,
+                    detail: format!("{} entries still refused", entries.len()),
                 }
             }
-            Err(err) if attempt >= BATCH_ATTEMPTS => return Err(err),
-            Err(_) => {}
+            Err(err) => err,
+        };
+        if attempt >= BATCH_ATTEMPTS {
+            return BatchResult {
+                sent,
+                error: Some(error),
+            };
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
@@ -350,7 +414,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             .with_context(|| format!("Failed to open {}", args.file))?;
         Box::new(std::io::BufReader::new(file))
     };
-    let loaded = input::load(&mut *reader, &args.file, args.format, &args.campaign)?;
+    let mut loaded = input::load(&mut *reader, &args.file, args.format, &args.campaign)?;
     if args.format == Format::Auto
         && let Some(format) = loaded.format
     {
@@ -360,6 +424,31 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             format.name()
         );
     }
+    let queue = Arc::new(super::queue(settings).await);
+    // The queue's own limit; a dry run without access to it assumes SQS's
+    // default.
+    let max_bytes = match queue.attributes(queue.url()).await {
+        Ok(attributes) => max_message_bytes(&attributes),
+        Err(err) if args.dry_run => {
+            eprintln!("cannot read the queue's MaximumMessageSize ({err}); assuming {DEFAULT_MAX_MESSAGE_BYTES} bytes");
+            DEFAULT_MAX_MESSAGE_BYTES
+        }
+        Err(err) => return Err(err.into()),
+    };
+    // A row the queue cannot take is an invalid row, not a failed run.
+    let (fit, too_large): (Vec<Job>, Vec<Job>) = std::mem::take(&mut loaded.jobs)
+        .into_iter()
+        .partition(|job| job.body.len() <= max_bytes);
+    loaded.jobs = fit;
+    loaded.rejects.extend(too_large.iter().map(|job| input::Reject {
+        line: job.line,
+        reason: format!(
+            "the job is {} bytes; the queue takes at most {max_bytes} (MaximumMessageSize)",
+            job.body.len()
+        ),
+    }));
+    loaded.rejects.sort_by_key(|r| r.line);
+
     let rejects_path = args.rejects.clone().unwrap_or_else(|| {
         if stdin {
             PathBuf::from("enqueue-rejects.csv")
@@ -392,11 +481,11 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         .checkpoint
         .clone()
         .or_else(|| (!stdin).then(|| PathBuf::from(format!("{}.checkpoint", args.file))));
-    let queue = Arc::new(super::queue(settings).await);
     let sent = send(
         queue,
         &args.campaign,
         &loaded.jobs,
+        max_bytes,
         checkpoint.as_deref(),
         args.resume,
     )
@@ -413,9 +502,58 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SQS's default `MaximumMessageSize`.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// The queue's `MaximumMessageSize`: the most one message may hold, and
+/// (conservatively) the most one SendMessageBatch may hold in all.
+fn max_message_bytes(attributes: &std::collections::HashMap<String, String>) -> usize {
+    attributes
+        .get("MaximumMessageSize")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(line: usize, bytes: usize) -> Job {
+        Job {
+            line,
+            username: format!("user{line}"),
+            body: "x".repeat(bytes),
+        }
+    }
+
+    /// Hardening #8: batches were cut by count only, so ten rows of 100 KB
+    /// made a request SQS refuses (BatchRequestTooLong) on every try.
+    #[test]
+    fn batches_are_packed_by_bytes_and_count() {
+        let big: Vec<Job> = (0..10).map(|i| job(i, 100_000)).collect();
+        let all: Vec<usize> = (0..10).collect();
+        let batches = pack(&big, &all, 256 * 1024);
+        assert_eq!(batches.len(), 5);
+        assert!(batches.iter().all(|b| b.len() == 2));
+        let small: Vec<Job> = (0..25).map(|i| job(i, 100)).collect();
+        let all: Vec<usize> = (0..25).collect();
+        let sizes: Vec<usize> = pack(&small, &all, 256 * 1024).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![10, 10, 5]);
+        // Order is kept, and a resume packs only what is left.
+        assert_eq!(pack(&small, &[3, 7, 9], 1024), vec![vec![3, 7, 9]]);
+    }
+
+    /// Hardening #7: only the job count was compared, so a reordered file
+    /// of the same size resumed against the wrong checkpoint.
+    #[test]
+    fn the_digest_tells_a_reordered_input_apart() {
+        let a = vec![job(1, 10), Job { body: "other".into(), ..job(2, 0) }];
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(a.len(), b.len());
+        assert_ne!(digest(&a), digest(&b));
+        assert_eq!(digest(&a), digest(&a.clone()));
+    }
 
     #[test]
     fn fifo_ids_are_stable_and_spread() {

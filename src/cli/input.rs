@@ -34,6 +34,16 @@ impl Format {
     }
 }
 
+/// One valid row, ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// 1-based line of the input it came from.
+    pub line: usize,
+    pub username: String,
+    /// The message body, in the job format.
+    pub body: String,
+}
+
 /// A row that failed validation: 1-based line number (data rows of a CSV
 /// count from line 2) and the reason, which never quotes the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +55,8 @@ pub struct Reject {
 /// The validated, de-duplicated campaign, ready to send.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// (username, message body) in input order.
-    pub jobs: Vec<(String, String)>,
+    /// The valid jobs, in input order.
+    pub jobs: Vec<Job>,
     pub rejects: Vec<Reject>,
     pub duplicates: usize,
     /// The format read: the given one, or the guess for `auto`.
@@ -117,7 +127,11 @@ pub fn load(
             Ok(job) => {
                 let username = job.username.expose().to_owned();
                 if seen.insert(username.clone()) {
-                    loaded.jobs.push((username, body));
+                    loaded.jobs.push(Job {
+                        line,
+                        username,
+                        body,
+                    });
                 } else {
                     loaded.duplicates += 1;
                 }
@@ -241,11 +255,11 @@ mod tests {
         assert_eq!(loaded.duplicates, 1);
         assert_eq!(loaded.rejects.len(), 1);
         assert_eq!(loaded.rejects[0].line, 3);
-        let alice: serde_json::Value = serde_json::from_str(&loaded.jobs[0].1).unwrap();
+        let alice: serde_json::Value = serde_json::from_str(&loaded.jobs[0].body).unwrap();
         assert_eq!(alice["client_metadata"]["reason"], "breach");
         assert_eq!(alice["client_metadata"]["ticket"], "T-1");
         assert_eq!(alice["campaign_id"], "c1");
-        let bob: serde_json::Value = serde_json::from_str(&loaded.jobs[1].1).unwrap();
+        let bob: serde_json::Value = serde_json::from_str(&loaded.jobs[1].body).unwrap();
         assert!(bob.get("client_metadata").is_none());
     }
 
@@ -266,7 +280,7 @@ mod tests {
         );
         assert_eq!(loaded.jobs.len(), 2);
         assert_eq!(loaded.duplicates, 1);
-        assert_eq!(loaded.jobs[1].0, "b@example.com");
+        assert_eq!(loaded.jobs[1].username, "b@example.com");
         assert_eq!(loaded.format, Some(Format::Lines));
     }
 
@@ -276,7 +290,7 @@ mod tests {
         // sent a reset to the user `username`.
         let loaded = load_str("-", "username\na@x.com\n");
         assert_eq!(loaded.format, Some(Format::Csv));
-        let users: Vec<&str> = loaded.jobs.iter().map(|(u, _)| u.as_str()).collect();
+        let users: Vec<&str> = loaded.jobs.iter().map(|j| j.username.as_str()).collect();
         assert_eq!(users, vec!["a@x.com"]);
         let loaded = load_str("-", "\"Username\"\nb@x.com\n");
         assert_eq!(loaded.jobs.len(), 1);
