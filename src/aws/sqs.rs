@@ -135,7 +135,24 @@ pub struct ReceivedMessage {
     pub received_at: Instant,
 }
 
+/// Message attribute of a job deferred by re-sending: not before this
+/// Unix time (seconds).
+pub const NOT_BEFORE_ATTRIBUTE: &str = "reset_worker_not_before";
+/// Message attribute of a job deferred by re-sending: the deferral's ID.
+pub const DEFERRAL_ATTRIBUTE: &str = "reset_worker_deferral";
+
 impl ReceivedMessage {
+    /// For a job deferred by re-sending: when it is due.
+    pub fn not_before(&self) -> Option<SystemTime> {
+        let value = self.attributes.get(NOT_BEFORE_ATTRIBUTE)?.string_value()?;
+        Some(UNIX_EPOCH + Duration::from_secs(value.parse().ok()?))
+    }
+
+    /// For a job deferred by re-sending: the deferral's ID.
+    pub fn deferral_id(&self) -> Option<&str> {
+        self.attributes.get(DEFERRAL_ATTRIBUTE)?.string_value()
+    }
+
     pub fn age(&self) -> Option<Duration> {
         self.sent_at
             .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -365,6 +382,52 @@ impl Queue {
             .map_err(|e| self.error("SendMessage", dlq_url, e))?;
         telemetry::sqs_request("SendMessage", true);
         Ok(DeadLettered::Copied)
+    }
+
+    /// FIFO deferral: sends the job again to the tail of its message group,
+    /// not to be processed before `not_before`, with a deduplication ID of
+    /// its own, so the original can be deleted and the group go on. The
+    /// attribute `reset_worker_deferral` carries `deferral_id`.
+    pub async fn defer_by_resend(
+        &self,
+        msg: &ReceivedMessage,
+        not_before: SystemTime,
+        deferral_id: &str,
+    ) -> Result<(), QueueError> {
+        let unix = not_before
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut attributes: HashMap<String, MessageAttributeValue> = msg
+            .attributes
+            .iter()
+            .filter(|(k, _)| !k.starts_with("reset_worker_"))
+            .take(MAX_MESSAGE_ATTRIBUTES - 2)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, data_type, value) in [
+            (NOT_BEFORE_ATTRIBUTE, "Number", unix.to_string()),
+            (DEFERRAL_ATTRIBUTE, "String", deferral_id.to_owned()),
+        ] {
+            if let Ok(v) = MessageAttributeValue::builder()
+                .data_type(data_type)
+                .string_value(value)
+                .build()
+            {
+                attributes.insert(name.to_owned(), v);
+            }
+        }
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(&msg.body)
+            .set_message_attributes(Some(attributes))
+            .set_message_group_id(msg.group_id.clone())
+            .message_deduplication_id(deferral_id)
+            .send()
+            .await
+            .map_err(|e| self.error("SendMessage", &self.url, e))?;
+        telemetry::sqs_request("SendMessage", true);
+        Ok(())
     }
 
     /// Sends up to 10 messages with SendMessageBatch. Returns the IDs of the

@@ -107,6 +107,30 @@ struct Shared {
     /// The first fatal error. Set once; later fatal errors only release
     /// their message, so the operator sees one clear cause.
     fatal: OnceLock<Halt>,
+    /// A FIFO queue: deferrals re-send the job instead of hiding it.
+    fifo: bool,
+    /// FIFO deferrals made in this run whose job has not come back yet:
+    /// `run --until-empty` is not drained while there are any.
+    deferred_by_resend: Deferrals,
+}
+
+/// The IDs of this run's FIFO deferrals still out. A std mutex: held for a
+/// set operation, never across an await.
+#[derive(Default)]
+struct Deferrals(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl Deferrals {
+    fn started(&self, id: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+    }
+
+    fn finished(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    fn outstanding(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 /// Why the campaign was halted: the service, its error code and message.
@@ -189,6 +213,8 @@ impl Worker {
             retry: settings.retry.clone(),
             stop: CancellationToken::new(),
             fatal: OnceLock::new(),
+            fifo: is_fifo(&settings.sqs.queue_url),
+            deferred_by_resend: Deferrals::default(),
         };
         Self {
             listener: Listener {
@@ -315,9 +341,16 @@ impl Worker {
                     && shared.deleter.outstanding() == 0
                 {
                     empty_polls += 1;
-                    if empty_polls >= limit {
+                    let deferred = shared.deferred_by_resend.outstanding();
+                    if empty_polls >= limit && deferred == 0 {
                         tracing::info!(empty_polls, "queue drained");
                         break;
+                    }
+                    if empty_polls == limit {
+                        tracing::info!(
+                            deferred,
+                            "queue empty, but jobs deferred in this run are still to come back; waiting for them"
+                        );
                     }
                 }
                 continue;

@@ -179,6 +179,15 @@ pub fn claimed_elsewhere(visibility: Duration) -> Outcome {
     }
 }
 
+/// A job deferred by re-sending (FIFO) arrived before it is due. It is the
+/// last of its message group by then, so hiding it blocks nothing else.
+pub fn not_due(remaining: Duration) -> Outcome {
+    Outcome::Deferred {
+        reason: "not_due",
+        delay: remaining.max(Duration::from_secs(1)),
+    }
+}
+
 /// The job was waiting (rate cap, backoff) when the worker stopped taking
 /// work: `reason` is `shutdown`, `halted` or `paused`.
 pub fn released(reason: &'static str) -> Outcome {

@@ -3,7 +3,7 @@
 //! and record it. What each result means is [`super::policy`]'s to say.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,13 @@ pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: Owne
         heartbeat(&shared, &msg, &decided_token),
     );
     let outcome = apply(&shared, &msg, decided.outcome).await;
+    if let Some(id) = msg.deferral_id()
+        && outcome.reason() != "not_due"
+    {
+        // This run's earlier deferral of the job has come back and ended
+        // (or was deferred anew, under a new ID).
+        shared.deferred_by_resend.finished(id);
+    }
     shared.tally.record(&Report {
         outcome: &outcome,
         message_id: &msg.message_id,
@@ -116,6 +123,18 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
         }
     };
     let user = Some(shared.hasher.user_ref(&job.username));
+    if let Some(remaining) = msg
+        .not_before()
+        .and_then(|due| due.duration_since(SystemTime::now()).ok())
+    {
+        return Decided {
+            outcome: policy::not_due(remaining),
+            campaign_id: job.campaign_id,
+            user,
+            attempts: 0,
+            last_error: None,
+        };
+    }
     let without_call = |outcome| Called {
         outcome,
         attempts: 0,
@@ -221,6 +240,24 @@ async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outc
                 }
             }
         }
+        Outcome::Deferred { delay, reason } if shared.fifo && *reason != "not_due" => {
+            // On a FIFO queue a hidden message holds back its whole group:
+            // send the job again to the group's tail instead, due after
+            // `delay`, and delete this copy.
+            let due = SystemTime::now() + *delay;
+            let id = deferral_id(msg);
+            match shared.queue.defer_by_resend(msg, due, &id).await {
+                Ok(()) => {
+                    shared.deferred_by_resend.started(id);
+                    shared.deleter.delete(msg);
+                }
+                Err(err) => {
+                    tracing::warn!(message_id = %msg.message_id, error = %err, "FIFO deferral by re-send failed; hiding the message instead (its group waits)");
+                    let hidden = (*delay).min(msg.visibility_left());
+                    set_visibility(shared, msg, hidden).await;
+                }
+            }
+        }
         Outcome::Deferred { delay, reason } => {
             let left = msg.visibility_left();
             if *delay > left {
@@ -239,6 +276,17 @@ async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outc
         Outcome::Released { .. } => set_visibility(shared, msg, Duration::ZERO).await,
     }
     outcome
+}
+
+/// A deduplication ID for one FIFO deferral: new for every deferral of the
+/// same message, at most 128 characters.
+fn deferral_id(msg: &ReceivedMessage) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut id = format!("defer-{nanos}-{}", msg.message_id);
+    id.truncate(128);
+    id
 }
 
 async fn set_visibility(shared: &Shared, msg: &ReceivedMessage, visibility: Duration) {
