@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """Creates a local reset-worker stack on a moto server and enqueues a campaign.
 
-Creates a Cognito user pool (account recovery by verified email), an app client
-with a generated secret, one user per distinct username in the campaign file,
-an SQS dead-letter queue and a main queue redriving to it, then sends every line
-of the campaign file (JSONL, one job per line) to the main queue.
+Creates a Cognito user pool (account recovery by verified email, email
+auto-verified), an app client with a generated secret, one user per distinct
+username in the campaign file (email = the username if it has an `@`, else
+USERNAME@example.com, verified; no invitation sent), an SQS dead-letter queue
+and a main queue redriving to it (VisibilityTimeout 30, maxReceiveCount 5),
+then sends every line of the campaign file (JSONL, one job per line) to the
+main queue.
 
-Prints shell `export` lines on stdout (eval them); progress goes to stderr.
+With --user NAME (repeatable) no campaign file is read: exactly those users
+are created and nothing is enqueued; --no-campaign alone creates no users.
+The integration tests (tests/support, `Stack::new`) build their stacks this way.
+
+Prints shell `export` lines on stdout (eval them), or with --json one JSON
+object; progress goes to stderr.
 Never point --endpoint at real AWS: the credentials are dummies.
 """
 
@@ -28,14 +36,40 @@ DEFAULT_CAMPAIGN = Path(__file__).resolve().parent.parent / "config" / "sample-c
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", required=True, help="moto server URL, e.g. http://127.0.0.1:5000")
-    p.add_argument("--campaign", type=Path, default=DEFAULT_CAMPAIGN, help="campaign JSONL file")
+    p.add_argument(
+        "--campaign", type=Path, help=f"campaign JSONL file (default: {DEFAULT_CAMPAIGN.name} in config/)"
+    )
+    p.add_argument(
+        "--user",
+        action="append",
+        metavar="NAME",
+        help="create this user (repeatable) instead of the campaign's users; implies --no-campaign",
+    )
+    p.add_argument(
+        "--no-campaign",
+        action="store_true",
+        help="read no campaign file and enqueue nothing; the users are those of --user, if any",
+    )
     p.add_argument("--fifo", action="store_true", help="create FIFO queues instead of standard ones")
     p.add_argument(
         "--no-enqueue",
         action="store_true",
         help="create users and queues only; load the campaign with `reset-worker enqueue`",
     )
-    return p.parse_args()
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (queue_url, dead_letter_queue_url, user_pool_id, client_id, "
+        "client_secret, users, job_count) instead of shell exports",
+    )
+    args = p.parse_args()
+    if args.user is not None:
+        args.no_campaign = True
+    if args.no_campaign and args.campaign is not None:
+        p.error("--campaign cannot be combined with --user or --no-campaign")
+    if args.campaign is None and not args.no_campaign:
+        args.campaign = DEFAULT_CAMPAIGN
+    return args
 
 
 def read_campaign(path: Path) -> list[str]:
@@ -53,7 +87,7 @@ def read_campaign(path: Path) -> list[str]:
 
 def main() -> int:
     args = parse_args()
-    jobs = read_campaign(args.campaign)
+    jobs = [] if args.no_campaign else read_campaign(args.campaign)
     suffix = secrets.token_hex(4)
     session = boto3.session.Session(
         aws_access_key_id="test",
@@ -74,7 +108,8 @@ def main() -> int:
         GenerateSecret=True,
     )["UserPoolClient"]
 
-    usernames = list(dict.fromkeys(json.loads(line)["username"] for line in jobs))
+    wanted = args.user if args.user is not None else (json.loads(line)["username"] for line in jobs)
+    usernames = list(dict.fromkeys(wanted))
     for username in usernames:
         email = username if "@" in username else f"{username}@example.com"
         cognito.admin_create_user(
@@ -116,6 +151,21 @@ def main() -> int:
         f"local stack: pool {pool_id}, {len(usernames)} users, {len(jobs)} jobs on {queue_url}",
         file=sys.stderr,
     )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "queue_url": queue_url,
+                    "dead_letter_queue_url": dlq_url,
+                    "user_pool_id": pool_id,
+                    "client_id": app["ClientId"],
+                    "client_secret": app["ClientSecret"],
+                    "users": usernames,
+                    "job_count": len(jobs),
+                }
+            )
+        )
+        return 0
     exports = {
         "RESET_WORKER_SQS__QUEUE_URL": queue_url,
         "RESET_WORKER_SQS__DEAD_LETTER_QUEUE_URL": dlq_url,

@@ -139,15 +139,19 @@ impl Measured {
         share(self.throttled, self.accepted() as u64 + self.throttled)
     }
 
-    /// Throttled share among calls arriving `skip` or later after the first
-    /// call: the steady state, without the initial convergence.
-    fn throttled_share_after(&self, skip: Duration) -> (f64, u64, u64) {
-        let Some(first) = [self.times.first(), self.throttled_times.first()]
+    /// Arrival of the first call, accepted or throttled.
+    fn first_call(&self) -> Option<Instant> {
+        [self.times.first(), self.throttled_times.first()]
             .into_iter()
             .flatten()
             .min()
             .copied()
-        else {
+    }
+
+    /// Throttled share among calls arriving `skip` or later after the first
+    /// call: the steady state, without the initial convergence.
+    fn throttled_share_after(&self, skip: Duration) -> (f64, u64, u64) {
+        let Some(first) = self.first_call() else {
             return (0.0, 0, 0);
         };
         let from = first + skip;
@@ -199,12 +203,7 @@ impl Measured {
 
     /// `accepted/throttled` per second since the first call.
     fn timeline(&self) -> String {
-        let Some(first) = [self.times.first(), self.throttled_times.first()]
-            .into_iter()
-            .flatten()
-            .min()
-            .copied()
-        else {
+        let Some(first) = self.first_call() else {
             return String::new();
         };
         let second = |t: &Instant| t.duration_since(first).as_secs() as usize;

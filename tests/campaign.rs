@@ -167,12 +167,21 @@ async fn resume_after_interruption_does_not_double_enqueue() {
     let path = list.to_str().unwrap();
     let checkpoint = format!("{path}.checkpoint");
 
-    // An interrupted run that had sent batch 1 (jobs 10..20) only.
-    std::fs::write(
-        &checkpoint,
-        r#"{"campaign":"c-resume","total_jobs":25,"completed":[1]}"#,
+    // An interrupted run that had got jobs 10..20 accepted only.
+    let loaded = reset_worker::cli::input::load(
+        &mut users.join("\n").as_bytes(),
+        path,
+        reset_worker::cli::input::Format::Auto,
+        "c-resume",
     )
     .unwrap();
+    let written = serde_json::json!({
+        "campaign": "c-resume",
+        "digest": reset_worker::cli::enqueue::digest(&loaded.jobs),
+        "total_jobs": 25,
+        "sent": (10..20).collect::<Vec<usize>>(),
+    });
+    std::fs::write(&checkpoint, written.to_string()).unwrap();
     let (code, _, err) = cli(
         &stack,
         &[],
@@ -198,7 +207,7 @@ async fn resume_after_interruption_does_not_double_enqueue() {
     sent.sort();
     let mut expected: Vec<String> = users[..10].iter().chain(&users[20..]).cloned().collect();
     expected.sort();
-    assert_eq!(sent, expected, "only the batches the checkpoint lacked");
+    assert_eq!(sent, expected, "only the jobs the checkpoint lacked");
 
     // Running it again sends nothing.
     let (code, out, _) = cli(

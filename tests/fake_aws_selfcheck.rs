@@ -16,6 +16,8 @@ use support::fake_aws::{
     DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE, SqsOp, md5_hex, run_worker,
 };
 
+/// Our use of the `md-5` crate (lower-case hex of the digest) against the
+/// RFC 1321 test suite.
 #[test]
 fn md5_matches_rfc1321_test_suite() {
     for (input, digest) in [

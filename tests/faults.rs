@@ -8,40 +8,23 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use support::cognito_mock::{cognito_error, forgot_password, received_calls, success, usernames};
 use support::proxy::Proxy;
 use support::*;
-use wiremock::matchers::{header, method};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
-fn forgot_password() -> wiremock::MockBuilder {
-    Mock::given(method("POST")).and(header("x-amz-target", FORGOT_PASSWORD_TARGET))
-}
-
-fn success() -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(
-        r#"{"CodeDeliveryDetails":{"DeliveryMedium":"EMAIL","AttributeName":"email","Destination":"x***@e***"}}"#,
-        "application/x-amz-json-1.1",
-    )
-}
-
+/// An injected Cognito error.
 fn error(status: u16, code: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status)
-        .insert_header("x-amzn-errortype", code)
-        .set_body_raw(
-            format!(r#"{{"__type":"{code}","message":"injected"}}"#),
-            "application/x-amz-json-1.1",
-        )
+    cognito_error(status, code, "injected")
 }
 
-/// Usernames of the calls wiremock answered with 200, with their counts.
+/// Usernames of the calls wiremock answered with 200 (all but the first
+/// `failures_first`), with their counts.
 async fn successful_calls(server: &MockServer, failures_first: usize) -> HashMap<String, usize> {
-    let requests = server.received_requests().await.unwrap_or_default();
+    let calls = received_calls(server).await;
     let mut counts = HashMap::new();
-    for r in requests.iter().skip(failures_first) {
-        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        *counts
-            .entry(body["Username"].as_str().unwrap().to_owned())
-            .or_insert(0) += 1;
+    for user in usernames(&calls).into_iter().skip(failures_first) {
+        *counts.entry(user).or_insert(0) += 1;
     }
     counts
 }

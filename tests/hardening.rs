@@ -66,7 +66,10 @@ impl Respond for Visibility {
         let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
         self.0.lock().unwrap().visibility.push((
             Instant::now(),
-            body["ReceiptHandle"].as_str().unwrap_or_default().to_owned(),
+            body["ReceiptHandle"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             body["VisibilityTimeout"].as_i64().unwrap_or(-1),
         ));
         sqs_ok(json!({})).set_delay(self.1)
@@ -252,12 +255,29 @@ async fn a_copy_seen_while_the_first_is_in_flight_is_deferred_not_deleted() {
     let app = build(settings(&sqs, json!({})), &sqs, &cognito).await;
     let summary = run_until_drained(app).await.expect("run ends cleanly");
 
-    assert_eq!(forgot_password_calls(&cognito).await, 1, "one call for one user");
+    assert_eq!(
+        forgot_password_calls(&cognito).await,
+        1,
+        "one call for one user"
+    );
     assert_eq!((summary.sent, summary.deferred, summary.skipped), (1, 1, 0));
     let seen = sqs.seen.lock().unwrap();
-    assert_eq!(seen.deleted.len(), 1, "only one copy deleted: {:?}", seen.deleted);
-    let deferred: Vec<_> = seen.visibility.iter().filter(|(_, _, vt)| *vt == 30).collect();
-    assert_eq!(deferred.len(), 1, "the other copy deferred by the visibility timeout");
+    assert_eq!(
+        seen.deleted.len(),
+        1,
+        "only one copy deleted: {:?}",
+        seen.deleted
+    );
+    let deferred: Vec<_> = seen
+        .visibility
+        .iter()
+        .filter(|(_, _, vt)| *vt == 30)
+        .collect();
+    assert_eq!(
+        deferred.len(),
+        1,
+        "the other copy deferred by the visibility timeout"
+    );
     assert_ne!(
         deferred[0].1, seen.deleted[0],
         "the deferred copy is not the deleted one"
@@ -275,7 +295,9 @@ async fn access_denied_halts_the_campaign_at_once() {
     ))
     .await;
     let app = build(settings(&sqs, json!({})), &sqs, &cognito).await;
-    let err = run_until_drained(app).await.expect_err("the campaign halts");
+    let err = run_until_drained(app)
+        .await
+        .expect_err("the campaign halts");
 
     match err.downcast_ref::<WorkerError>() {
         Some(WorkerError::Fatal { code, .. }) => assert_eq!(code, "AccessDeniedException"),
@@ -283,9 +305,15 @@ async fn access_denied_halts_the_campaign_at_once() {
     }
     assert_eq!(forgot_password_calls(&cognito).await, 1, "no retry");
     let seen = sqs.seen.lock().unwrap();
-    assert!(seen.deleted.is_empty(), "nothing deleted: {:?}", seen.deleted);
     assert!(
-        seen.visibility.iter().any(|(_, h, vt)| h == "r1" && *vt == 0),
+        seen.deleted.is_empty(),
+        "nothing deleted: {:?}",
+        seen.deleted
+    );
+    assert!(
+        seen.visibility
+            .iter()
+            .any(|(_, h, vt)| h == "r1" && *vt == 0),
         "the message is released"
     );
 }
@@ -300,12 +328,18 @@ async fn a_timed_out_call_is_not_retried_in_process() {
     let app = build(settings(&sqs, overrides), &sqs, &cognito).await;
     let summary = run_until_drained(app).await.expect("run ends cleanly");
 
-    assert_eq!(forgot_password_calls(&cognito).await, 1, "never called twice");
+    assert_eq!(
+        forgot_password_calls(&cognito).await,
+        1,
+        "never called twice"
+    );
     assert_eq!(summary.deferred, 1);
     let seen = sqs.seen.lock().unwrap();
     assert!(seen.deleted.is_empty());
     assert!(
-        seen.visibility.iter().any(|(_, h, vt)| h == "r1" && *vt == 300),
+        seen.visibility
+            .iter()
+            .any(|(_, h, vt)| h == "r1" && *vt == 300),
         "deferred by retry.uncertain_delay_seconds: {:?}",
         seen.visibility
     );
@@ -358,22 +392,28 @@ async fn a_hung_receive_turns_readiness_off() {
     let run = tokio::spawn(app.run_until_stopped(stop.clone(), RunOptions::default()));
 
     let client = reqwest::Client::new();
-    let mut statuses = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let status = client.get(&readyz).send().await.map(|r| r.status().as_u16());
-        statuses.push(status.unwrap_or(0));
-        if statuses.last() == Some(&503) {
-            break;
+    let status = || async {
+        let got = client.get(&readyz).send().await;
+        got.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    // Wait for `want`, 30 s at most; true when seen.
+    let wait_for = |want: u16| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if status().await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        false
+    };
+    let became_ready = wait_for(200).await;
+    let became_unready = became_ready && wait_for(503).await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
-    assert_eq!(statuses.first(), Some(&200), "ready after the start-up check");
-    assert_eq!(
-        statuses.last(),
-        Some(&503),
+    assert!(became_ready, "ready after the start-up check");
+    assert!(
+        became_unready,
         "readiness must turn off once the receive times out (wait 1 s + 5 s)"
     );
 }

@@ -166,8 +166,16 @@ fn metric_value_parses_prometheus_text() {
 reset_worker_jobs_total{outcome=\"sent\"} 4
 reset_worker_jobs_total{outcome=\"skipped\"} 1
 reset_worker_jobs_total_extra{outcome=\"sent\"} 100
-reset_worker_cognito_requests_total{result=\"error\",code=\"Limit, \\\"Exceeded\\\"\"} 2
-reset_worker_cognito_requests_total{result=\"ok\",code=\"\"} 5
+# TYPE reset_worker_cognito_requests_total counter
+reset_worker_cognito_requests_total{result=\"error\",code=\"LimitExceededException\"} 2
+reset_worker_cognito_requests_total{result=\"ok\",code=\"none\"} 5
+# HELP reset_worker_job_age_seconds Time from SentTimestamp to outcome.
+# TYPE reset_worker_job_age_seconds histogram
+reset_worker_job_age_seconds_bucket{le=\"1\"} 3
+reset_worker_job_age_seconds_bucket{le=\"10\"} 5
+reset_worker_job_age_seconds_bucket{le=\"+Inf\"} 6
+reset_worker_job_age_seconds_sum 42.5
+reset_worker_job_age_seconds_count 6
 reset_worker_up 1
 ";
     assert_eq!(metric_value(text, "reset_worker_jobs_total", &[]), 5.0);
@@ -183,7 +191,7 @@ reset_worker_up 1
         metric_value(
             text,
             "reset_worker_cognito_requests_total",
-            &[("result", "error"), ("code", "Limit, \"Exceeded\"")]
+            &[("result", "error"), ("code", "LimitExceededException")]
         ),
         2.0
     );
@@ -191,8 +199,25 @@ reset_worker_up 1
         metric_value(text, "reset_worker_cognito_requests_total", &[]),
         7.0
     );
+    // A histogram: `_count` and `_sum` as they are, `_bucket` by `le`.
+    let age = "reset_worker_job_age_seconds";
+    assert_eq!(metric_value(text, &format!("{age}_count"), &[]), 6.0);
+    assert_eq!(metric_value(text, &format!("{age}_sum"), &[]), 42.5);
+    assert_eq!(
+        metric_value(text, &format!("{age}_bucket"), &[("le", "10")]),
+        5.0
+    );
+    assert_eq!(
+        metric_value(text, &format!("{age}_bucket"), &[("le", "+Inf")]),
+        6.0
+    );
+    assert_eq!(
+        metric_value(text, &format!("{age}_bucket"), &[("le", "2")]),
+        0.0
+    );
     assert_eq!(metric_value(text, "reset_worker_up", &[]), 1.0);
     assert_eq!(metric_value(text, "missing", &[]), 0.0);
+    // A known vector, computed independently with Python.
     assert_eq!(
         secret_hash("alice@example.com", "client", "secret"),
         "VV/Kof4y6G9QerAHhtPWq5OPHTboXmdmMYR+JgibD0M="

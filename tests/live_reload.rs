@@ -88,42 +88,21 @@ async fn pause_invalid_edit_and_resume_through_the_config_file() {
     assert_eq!(worker.wait_exit(Duration::from_secs(20)), Some(0));
 }
 
-/// Matches ForgotPassword calls whose SecretHash was made with `secret`.
-struct HashedWith {
-    secret: String,
-    client_id: String,
-}
-
-impl wiremock::Match for HashedWith {
-    fn matches(&self, request: &wiremock::Request) -> bool {
-        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
-            return false;
-        };
-        let username = body["Username"].as_str().unwrap_or_default();
-        body["SecretHash"].as_str()
-            == Some(secret_hash(username, &self.client_id, &self.secret).as_str())
-    }
-}
-
 #[tokio::test]
 async fn a_rotated_secret_file_is_used_without_a_restart() {
-    use wiremock::matchers::{header, method};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use support::cognito_mock::{ValidSecretHash, forgot_password, success};
+    use wiremock::MockServer;
 
     let stack = Stack::new(false, &[]).await;
     let cognito = MockServer::start().await;
-    let ok = ResponseTemplate::new(200).set_body_raw(
-        r#"{"CodeDeliveryDetails":{"DeliveryMedium":"EMAIL"}}"#,
-        "application/x-amz-json-1.1",
-    );
+    // Only calls hashed with one of the two secrets are answered.
     for secret in ["old-secret", "new-secret"] {
-        Mock::given(method("POST"))
-            .and(header("x-amz-target", FORGOT_PASSWORD_TARGET))
-            .and(HashedWith {
-                secret: secret.into(),
+        forgot_password()
+            .and(ValidSecretHash {
                 client_id: stack.client_id.clone(),
+                client_secret: secret.into(),
             })
-            .respond_with(ok.clone().insert_header("x-test-secret", secret))
+            .respond_with(success())
             .mount(&cognito)
             .await;
     }

@@ -1,53 +1,60 @@
-//! The worker binary end to end against moto server (real SQS and Cognito
-//! protocols): happy path, parameter passthrough, malformed bodies, FIFO,
-//! configuration errors.
+//! The worker end to end against moto server (real SQS and Cognito
+//! protocols): the happy path (in process, and the binary's metrics and
+//! logs), parameter passthrough, malformed bodies, FIFO, configuration errors.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use reset_worker::worker::outcome::Summary;
+use serde_json::{Value, json};
+use support::app::{app_settings, outcome_lines, spawn_app};
 use support::*;
 
 const DRAIN: Duration = Duration::from_secs(60);
 
+/// A rate cap that lets a dozen jobs through at once.
+fn fast() -> Value {
+    json!({"limits": {"max_rps": 200, "burst": 20}})
+}
+
 fn fast_env(stack: &Stack) -> Vec<(String, String)> {
     let mut env = stack_env(stack);
-    env.push(("RESET_WORKER_LIMITS__MAX_RPS".into(), "200".into()));
-    env.push(("RESET_WORKER_LIMITS__BURST".into(), "20".into()));
+    env.extend(settings_env(&fast()));
     env
 }
 
 fn job(username: &str) -> String {
-    serde_json::json!({"username": username, "campaign_id": "it-happy"}).to_string()
+    json!({"username": username, "campaign_id": "it-happy"}).to_string()
 }
 
-#[tokio::test]
-async fn happy_path_sends_every_job_once_and_metrics_agree() {
-    let users: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
+/// A stack with `n` users and one job each (campaign `campaign`) queued.
+async fn stack_with_jobs(n: usize, campaign: &str) -> (Stack, Vec<String>) {
+    let users: Vec<String> = (0..n).map(|i| format!("user{i}@example.com")).collect();
     let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
     let stack = Stack::new(false, &user_refs).await;
-    send_jobs(&stack, &users.iter().map(|u| job(u)).collect::<Vec<_>>()).await;
+    let bodies: Vec<String> = users
+        .iter()
+        .map(|u| json!({"username": u, "campaign_id": campaign}).to_string())
+        .collect();
+    send_jobs(&stack, &bodies).await;
+    (stack, users)
+}
 
-    let worker = spawn_worker(&fast_env(&stack), &[]);
-    let drained = eventually(DRAIN, || async {
-        metric_value(&worker.metrics(), "reset_worker_jobs_total", &[]) >= 12.0
-    })
-    .await;
-    assert!(drained, "worker did not finish 12 jobs");
-    assert_eq!(worker.ready(), 200);
-
-    // Emulator side: exactly one ForgotPassword per user.
+/// moto got exactly one ForgotPassword per user, and every message is gone
+/// from the queue (deletes are batched: they get a moment) and none
+/// dead-lettered.
+async fn assert_sent_once_and_deleted(stack: &Stack, users: &[String]) {
     let calls = forgot_password_calls(&stack.moto, &stack.client_id);
     let called: Vec<&str> = calls
         .iter()
         .filter_map(|c| c["Username"].as_str())
         .collect();
-    assert_eq!(called.len(), 12, "{called:?}");
+    assert_eq!(called.len(), users.len(), "{called:?}");
     let distinct: BTreeSet<&str> = called.iter().copied().collect();
-    assert_eq!(distinct, user_refs.iter().copied().collect::<BTreeSet<_>>());
+    assert_eq!(distinct, users.iter().map(String::as_str).collect());
 
-    // Queue side: everything deleted (deletes are batched; give them a moment).
     let empty = eventually(Duration::from_secs(10), || async {
         queue_counts(&stack.sqs, &stack.queue_url).await == (0, 0)
     })
@@ -58,6 +65,56 @@ async fn happy_path_sends_every_job_once_and_metrics_agree() {
         queue_counts(&stack.sqs, &stack.queue_url).await
     );
     assert_eq!(queue_counts(&stack.sqs, &stack.dlq_url).await, (0, 0));
+}
+
+/// In process: every job sent once and deleted; the run's summary, this
+/// campaign's series and its outcome lines agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn happy_path_sends_every_job_once_and_metrics_agree() {
+    let campaign = format!("it-happy-{}", random_suffix());
+    let (stack, users) = stack_with_jobs(12, &campaign).await;
+
+    let app = spawn_app(app_settings(&stack, fast()), None, false).await;
+    let drained = eventually(DRAIN, || async {
+        app.campaign_jobs(&campaign, "sent") >= 12.0
+    })
+    .await;
+    assert!(drained, "the app did not finish 12 jobs");
+    assert_eq!(app.ready(), 200);
+    assert_sent_once_and_deleted(&stack, &users).await;
+    for other in ["skipped", "rejected", "deferred", "released"] {
+        assert_eq!(app.campaign_jobs(&campaign, other), 0.0, "{other}");
+    }
+
+    let summary = app.stop().await.expect("a clean stop");
+    let sent = Summary {
+        sent: 12,
+        ..Summary::default()
+    };
+    assert_eq!(summary, sent);
+    let outcomes = outcome_lines(&campaign);
+    assert_eq!(outcomes.len(), 12, "{outcomes:#?}");
+    for line in &outcomes {
+        assert_eq!(line["outcome"], "sent", "{line}");
+        assert!(!line.to_string().contains("@example.com"), "{line}");
+    }
+}
+
+/// The binary on the happy path: its process-wide metrics agree with moto
+/// and the queue, no personal data or secret reaches its log, and SIGTERM
+/// ends it cleanly.
+#[tokio::test]
+async fn binary_metrics_and_logs_agree_with_moto() {
+    let (stack, users) = stack_with_jobs(12, "it-happy").await;
+
+    let worker = spawn_worker(&fast_env(&stack), &[]);
+    let drained = eventually(DRAIN, || async {
+        metric_value(&worker.metrics(), "reset_worker_jobs_total", &[]) >= 12.0
+    })
+    .await;
+    assert!(drained, "worker did not finish 12 jobs");
+    assert_eq!(worker.ready(), 200);
+    assert_sent_once_and_deleted(&stack, &users).await;
 
     // Metrics agree with both sides.
     let m = worker.metrics();
@@ -93,6 +150,10 @@ async fn happy_path_sends_every_job_once_and_metrics_agree() {
         metric_value(&m, "reset_worker_job_age_seconds_count", &[]),
         12.0
     );
+    assert_eq!(
+        metric_value(&m, "reset_worker_job_age_seconds_bucket", &[("le", "+Inf")]),
+        12.0
+    );
     assert_eq!(metric_value(&m, "reset_worker_build_info", &[]), 1.0);
     assert_eq!(metric_value(&m, "reset_worker_in_flight_jobs", &[]), 0.0);
 
@@ -116,7 +177,7 @@ async fn happy_path_sends_every_job_once_and_metrics_agree() {
 #[tokio::test]
 async fn every_forgot_password_parameter_reaches_cognito() {
     let stack = Stack::new(false, &["alice@example.com", "bob@example.com"]).await;
-    let full = serde_json::json!({
+    let full = json!({
         "username": "alice@example.com",
         "campaign_id": "breach-2026-11",
         "client_metadata": {"reason": "breach", "ticket": "SEC-1"},
@@ -126,9 +187,8 @@ async fn every_forgot_password_parameter_reaches_cognito() {
     .to_string();
     // The same job through an SNS fan-out envelope.
     let inner =
-        serde_json::json!({"username": "bob@example.com", "client_metadata": {"team": "idp"}})
-            .to_string();
-    let sns = serde_json::json!({
+        json!({"username": "bob@example.com", "client_metadata": {"team": "idp"}}).to_string();
+    let sns = json!({
         "Type": "Notification", "MessageId": "m-1",
         "TopicArn": "arn:aws:sns:us-east-1:123456789012:resets", "Message": inner,
         "Timestamp": "2026-11-29T00:00:00.000Z", "SignatureVersion": "1"
@@ -171,15 +231,15 @@ async fn every_forgot_password_parameter_reaches_cognito() {
     // Job values win over campaign defaults; defaults fill the rest.
     assert_eq!(
         alice["ClientMetadata"],
-        serde_json::json!({"reason": "breach", "ticket": "SEC-1", "team": "security"})
+        json!({"reason": "breach", "ticket": "SEC-1", "team": "security"})
     );
     assert_eq!(
         alice["UserContextData"],
-        serde_json::json!({"IpAddress": "203.0.113.7", "EncodedData": "ZW5jb2RlZA=="})
+        json!({"IpAddress": "203.0.113.7", "EncodedData": "ZW5jb2RlZA=="})
     );
     assert_eq!(
         alice["AnalyticsMetadata"],
-        serde_json::json!({"AnalyticsEndpointId": "endpoint-42"})
+        json!({"AnalyticsEndpointId": "endpoint-42"})
     );
 
     let bob = by_user("bob@example.com");
@@ -189,7 +249,7 @@ async fn every_forgot_password_parameter_reaches_cognito() {
     );
     assert_eq!(
         bob["ClientMetadata"],
-        serde_json::json!({"reason": "policy", "team": "idp"})
+        json!({"reason": "policy", "team": "idp"})
     );
     assert!(bob.get("UserContextData").is_none());
     assert!(bob.get("AnalyticsMetadata").is_none());
@@ -256,7 +316,8 @@ async fn malformed_bodies_reach_the_dead_letter_queue_with_the_original_body() {
     assert!(logs.contains(r#""sent":1"#) && logs.contains(&format!(r#""rejected":{}"#, bad.len())));
 }
 
-#[tokio::test]
+/// In process, until the queue is drained.
+#[tokio::test(flavor = "multi_thread")]
 async fn fifo_queue_is_processed_and_drained() {
     let users: Vec<String> = (0..9).map(|i| format!("fifo{i}@example.com")).collect();
     let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
@@ -265,8 +326,17 @@ async fn fifo_queue_is_processed_and_drained() {
     bodies.push("garbage".into());
     send_jobs(&stack, &bodies).await;
 
-    let mut worker = spawn_worker(&fast_env(&stack), &["--until-empty"]);
-    assert_eq!(worker.wait_exit(DRAIN), Some(0));
+    let summary = spawn_app(app_settings(&stack, fast()), None, true)
+        .await
+        .finished(DRAIN)
+        .await
+        .expect("the drained run ends without an error");
+    let expected = Summary {
+        sent: 9,
+        rejected: 1,
+        ..Summary::default()
+    };
+    assert_eq!(summary, expected);
 
     let calls = forgot_password_calls(&stack.moto, &stack.client_id);
     let called: BTreeSet<String> = calls

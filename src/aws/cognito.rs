@@ -191,8 +191,7 @@ impl CallError {
             // The connect timeout (no read timeout is set): nothing was sent.
             SdkError::DispatchFailure(d) if d.is_timeout() => ErrorCode::Connection,
             SdkError::DispatchFailure(d)
-                if d
-                    .as_connector_error()
+                if d.as_connector_error()
                     .is_some_and(|e| failed_before_sending(e)) =>
             {
                 ErrorCode::Connection
@@ -226,7 +225,11 @@ fn failed_before_sending(err: &(dyn std::error::Error + 'static)) -> bool {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),
-                ConnectionRefused | AddrNotAvailable | HostUnreachable | NetworkUnreachable | NotFound
+                ConnectionRefused
+                    | AddrNotAvailable
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | NotFound
             );
         }
         source = e.source();

@@ -14,9 +14,17 @@ use super::sqs::{FailedDelete, MAX_BATCH, Queue, ReceivedMessage};
 use crate::backoff::Backoff;
 use crate::telemetry;
 
-/// How often a failed delete entry is retried before it is given up on (the
-/// message is then redelivered after its visibility timeout).
+/// Attempts per message when the DeleteMessageBatch call itself fails (with
+/// the backoff between calls, about 3 s in all), before it is given up on
+/// (the message is then redelivered after its visibility timeout: a second
+/// email).
 const DELETE_ATTEMPTS: u32 = 5;
+/// Attempts per message when SQS refuses its entry (`Failed`, not the
+/// sender's fault) in a call that went through. Such retries ride along
+/// with the next batches at no extra cost, so they get more: at 30 % of
+/// entries refused, 5 attempts gave up one message in 400, 10 one in
+/// 170,000.
+const REFUSED_ENTRY_ATTEMPTS: u32 = 10;
 
 #[derive(Debug)]
 struct PendingDelete {
@@ -159,13 +167,11 @@ async fn run_deleter(
         let handles: Vec<&str> = batch.iter().map(|p| p.receipt_handle.as_str()).collect();
         match queue.delete_batch(&handles).await {
             Ok(failed) => {
-                // Refused entries retried later are a failure too.
-                if failed.iter().any(|f| !f.sender_fault) {
-                    retry_at = Some(Instant::now() + backoff.next_ceiling());
-                } else {
-                    retry_at = None;
-                    backoff = new_failure_backoff();
-                }
+                // The call went through: refused entries are retried with
+                // the next batches (up to REFUSED_ENTRY_ATTEMPTS times), with
+                // no pause, as one bad entry must not slow every delete.
+                retry_at = None;
+                backoff = new_failure_backoff();
                 let mut failed_idx: Vec<Option<FailedDelete>> =
                     batch.iter().map(|_| None).collect();
                 for f in failed {
@@ -181,7 +187,7 @@ async fn run_deleter(
                         telemetry::delete_failed(1);
                         tracing::warn!(message_id = %p.message_id, code = %f.code, "delete rejected by SQS; message will be redelivered");
                     } else {
-                        requeue(&mut pending, p, &f.code);
+                        requeue(&mut pending, p, &f.code, REFUSED_ENTRY_ATTEMPTS);
                     }
                 }
             }
@@ -189,7 +195,7 @@ async fn run_deleter(
                 tracing::warn!(error = %err, entries = batch.len(), "DeleteMessageBatch failed; will retry");
                 retry_at = Some(Instant::now() + backoff.next_ceiling());
                 for p in batch {
-                    requeue(&mut pending, p, "call_failed");
+                    requeue(&mut pending, p, "call_failed", DELETE_ATTEMPTS);
                 }
             }
         }
@@ -205,11 +211,11 @@ fn new_failure_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(5))
 }
 
-fn requeue(pending: &mut Vec<PendingDelete>, mut p: PendingDelete, code: &str) {
+fn requeue(pending: &mut Vec<PendingDelete>, mut p: PendingDelete, code: &str, limit: u32) {
     p.attempts += 1;
-    if p.attempts >= DELETE_ATTEMPTS {
+    if p.attempts >= limit {
         telemetry::delete_failed(1);
-        tracing::error!(message_id = %p.message_id, code, "delete failed {DELETE_ATTEMPTS} times; message will be redelivered");
+        tracing::error!(message_id = %p.message_id, code, attempts = p.attempts, "delete failed; message will be redelivered");
     } else {
         pending.push(p);
     }

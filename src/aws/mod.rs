@@ -2,10 +2,12 @@
 //!
 //! - [`sqs`]: the job queue (receive, visibility, dead-letter, send).
 //! - [`deleter`]: the batched, retried DeleteMessageBatch of finished messages.
+//! - [`resend`]: a received message sent again: dead-letter copies, FIFO deferrals.
 //! - [`cognito`]: the reset call, `SecretHash`, and the error codes.
 
 pub mod cognito;
 pub mod deleter;
+pub mod resend;
 pub mod sqs;
 
 use aws_config::{BehaviorVersion, SdkConfig};

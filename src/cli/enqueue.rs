@@ -5,18 +5,19 @@
 //! re-run with `--resume` after an interruption never enqueues a row twice.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
+pub use super::checkpoint::{Checkpoint, digest};
 use super::estimate;
 use super::input::{self, Format, Job};
+use super::progress::Progress;
 use crate::aws::sqs::{FifoIds, MAX_BATCH, Outgoing, Queue, QueueError};
 use crate::backoff::Backoff;
 use crate::config::{Settings, is_fifo};
@@ -62,66 +63,6 @@ pub enum EnqueueError {
     Queue(#[from] QueueError),
 }
 
-/// Which jobs of a campaign file were sent, entry by entry, and a digest of
-/// the validated job list they index, so `--resume` refuses an input that
-/// changed (a reordered file of the same size would otherwise skip some
-/// users and enqueue others twice).
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Checkpoint {
-    pub campaign: String,
-    /// SHA-256 of the validated job bodies, in order.
-    pub digest: String,
-    pub total_jobs: usize,
-    /// Indices of the jobs SQS accepted.
-    pub sent: BTreeSet<usize>,
-}
-
-/// SHA-256, hex, of the job bodies in order (each followed by a newline).
-pub fn digest(jobs: &[Job]) -> String {
-    let mut hash = Sha256::new();
-    for job in jobs {
-        hash.update(job.body.as_bytes());
-        hash.update(b"\n");
-    }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl Checkpoint {
-    fn load(path: &Path) -> Result<Option<Self>, EnqueueError> {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| EnqueueError::Checkpoint {
-                        path: path.to_owned(),
-                        detail: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(EnqueueError::Checkpoint {
-                path: path.to_owned(),
-                detail: e.to_string(),
-            }),
-        }
-    }
-
-    /// Write-then-rename, so a crash mid-write leaves the old checkpoint.
-    fn save(&self, path: &Path) -> Result<(), EnqueueError> {
-        let tmp = path.with_extension("tmp");
-        let err = |e: std::io::Error| EnqueueError::Checkpoint {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        };
-        let bytes = serde_json::to_vec(self).map_err(|e| EnqueueError::Checkpoint {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-        std::fs::write(&tmp, bytes).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
-    }
-}
-
 /// `MessageDeduplicationId` for FIFO queues: SQS drops a second message with
 /// the same ID within five minutes, whoever sends it.
 pub fn fifo_ids(campaign: &str, username: &str) -> FifoIds {
@@ -143,59 +84,6 @@ pub fn fifo_ids(campaign: &str, username: &str) -> FifoIds {
 pub struct Sent {
     pub enqueued: usize,
     pub already_enqueued: usize,
-}
-
-/// Progress reporting: a bar on a terminal, plain lines otherwise.
-enum Progress {
-    Bar(indicatif::ProgressBar),
-    Lines {
-        total: usize,
-        last: Instant,
-        started: Instant,
-    },
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} jobs  {per_sec}  ETA {eta}",
-            ) {
-                bar.set_style(style);
-            }
-            Progress::Bar(bar)
-        } else {
-            Progress::Lines {
-                total,
-                last: Instant::now(),
-                started: Instant::now(),
-            }
-        }
-    }
-
-    fn set(&mut self, done: usize) {
-        match self {
-            Progress::Bar(bar) => bar.set_position(done as u64),
-            Progress::Lines {
-                total,
-                last,
-                started,
-            } => {
-                if last.elapsed() >= Duration::from_secs(2) || done == *total {
-                    *last = Instant::now();
-                    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-                    eprintln!("enqueued {done}/{total} ({rate:.0}/s)");
-                }
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Progress::Bar(bar) = self {
-            bar.finish();
-        }
-    }
 }
 
 /// Splits `pending` (indices into `jobs`) into SendMessageBatch calls of at
@@ -352,8 +240,9 @@ async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> BatchRe
         let error = match queue.send_batch(&entries).await {
             Ok(failed) => {
                 let failed_ids: HashSet<String> = failed.into_iter().map(|(id, _)| id).collect();
-                let (refused, accepted): (Vec<Outgoing>, Vec<Outgoing>) =
-                    entries.into_iter().partition(|m| failed_ids.contains(&m.id));
+                let (refused, accepted): (Vec<Outgoing>, Vec<Outgoing>) = entries
+                    .into_iter()
+                    .partition(|m| failed_ids.contains(&m.id));
                 sent.extend(accepted.iter().filter_map(|m| m.id.parse::<usize>().ok()));
                 entries = refused;
                 if entries.is_empty() {
@@ -430,7 +319,9 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let max_bytes = match queue.attributes(queue.url()).await {
         Ok(attributes) => max_message_bytes(&attributes),
         Err(err) if args.dry_run => {
-            eprintln!("cannot read the queue's MaximumMessageSize ({err}); assuming {DEFAULT_MAX_MESSAGE_BYTES} bytes");
+            eprintln!(
+                "cannot read the queue's MaximumMessageSize ({err}); assuming {DEFAULT_MAX_MESSAGE_BYTES} bytes"
+            );
             DEFAULT_MAX_MESSAGE_BYTES
         }
         Err(err) => return Err(err.into()),
@@ -440,13 +331,15 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         .into_iter()
         .partition(|job| job.body.len() <= max_bytes);
     loaded.jobs = fit;
-    loaded.rejects.extend(too_large.iter().map(|job| input::Reject {
-        line: job.line,
-        reason: format!(
-            "the job is {} bytes; the queue takes at most {max_bytes} (MaximumMessageSize)",
-            job.body.len()
-        ),
-    }));
+    loaded
+        .rejects
+        .extend(too_large.iter().map(|job| input::Reject {
+            line: job.line,
+            reason: format!(
+                "the job is {} bytes; the queue takes at most {max_bytes} (MaximumMessageSize)",
+                job.body.len()
+            ),
+        }));
     loaded.rejects.sort_by_key(|r| r.line);
 
     let rejects_path = args.rejects.clone().unwrap_or_else(|| {
@@ -537,7 +430,10 @@ mod tests {
         assert!(batches.iter().all(|b| b.len() == 2));
         let small: Vec<Job> = (0..25).map(|i| job(i, 100)).collect();
         let all: Vec<usize> = (0..25).collect();
-        let sizes: Vec<usize> = pack(&small, &all, 256 * 1024).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = pack(&small, &all, 256 * 1024)
+            .iter()
+            .map(Vec::len)
+            .collect();
         assert_eq!(sizes, vec![10, 10, 5]);
         // Order is kept, and a resume packs only what is left.
         assert_eq!(pack(&small, &[3, 7, 9], 1024), vec![vec![3, 7, 9]]);
@@ -547,7 +443,13 @@ mod tests {
     /// of the same size resumed against the wrong checkpoint.
     #[test]
     fn the_digest_tells_a_reordered_input_apart() {
-        let a = vec![job(1, 10), Job { body: "other".into(), ..job(2, 0) }];
+        let a = vec![
+            job(1, 10),
+            Job {
+                body: "other".into(),
+                ..job(2, 0)
+            },
+        ];
         let mut b = a.clone();
         b.reverse();
         assert_eq!(a.len(), b.len());

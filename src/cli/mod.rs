@@ -5,9 +5,11 @@
 //! and maps the result to an exit code an operator (or a Kubernetes Job's
 //! `podFailurePolicy`) can act on.
 
+mod checkpoint;
 pub mod enqueue;
 pub mod input;
 pub mod preflight;
+mod progress;
 pub mod status;
 
 use std::path::{Path, PathBuf};

@@ -5,12 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    Action, ConfigError, ENV_SECRETS, MAX_VISIBILITY_SECONDS, Settings, env_layer, invalid,
-    is_fifo,
+    Action, ConfigError, ENV_SECRETS, MAX_VISIBILITY_SECONDS, Settings, env_layer, invalid, is_fifo,
 };
 
 impl Settings {
@@ -29,25 +28,16 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(env_layer());
+        for (key, var) in ENV_SECRETS {
+            if let Ok(value) = std::env::var(var) {
+                // Verbatim: a string, never parsed.
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
         let mut settings: Settings = figment.extract().map_err(Box::new)?;
-        settings.secrets_from_env();
         settings.resolve_secret_file()?;
         settings.validate()?;
         Ok(settings)
-    }
-
-    /// The secrets given as environment variables, verbatim.
-    fn secrets_from_env(&mut self) {
-        for (key, var) in ENV_SECRETS {
-            let Ok(value) = std::env::var(var) else {
-                continue;
-            };
-            let slot = match *key {
-                "cognito.client_secret" => &mut self.cognito.client_secret,
-                _ => &mut self.logging.username_hash_key,
-            };
-            *slot = Some(SecretString::from(value));
-        }
     }
 
     fn resolve_secret_file(&mut self) -> Result<(), ConfigError> {
@@ -392,7 +382,11 @@ mod tests {
                     .map_err(|e| format!("{secret}: {e}"))?;
                 let got = s.cognito.client_secret.as_ref().map(|s| s.expose_secret());
                 assert_eq!(got, Some(secret));
-                let key = s.logging.username_hash_key.as_ref().map(|s| s.expose_secret());
+                let key = s
+                    .logging
+                    .username_hash_key
+                    .as_ref()
+                    .map(|s| s.expose_secret());
                 assert_eq!(key, Some(secret));
             }
             // An invalid config never quotes the secret it was given.

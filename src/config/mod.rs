@@ -34,8 +34,14 @@ const ENV_NOT_KEYS: &[&str] = &["config", "log_format"];
 /// failed with an error that echoed it, and a quoted one lost its quotes.
 /// (config key, environment variable)
 const ENV_SECRETS: &[(&str, &str)] = &[
-    ("cognito.client_secret", "RESET_WORKER_COGNITO__CLIENT_SECRET"),
-    ("logging.username_hash_key", "RESET_WORKER_LOGGING__USERNAME_HASH_KEY"),
+    (
+        "cognito.client_secret",
+        "RESET_WORKER_COGNITO__CLIENT_SECRET",
+    ),
+    (
+        "logging.username_hash_key",
+        "RESET_WORKER_LOGGING__USERNAME_HASH_KEY",
+    ),
 ];
 
 /// The `RESET_WORKER_*` layer, without the secrets (see [`ENV_SECRETS`]).

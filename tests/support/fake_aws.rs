@@ -1,6 +1,13 @@
-//! A minimal, fast in-process fake of the two AWS APIs the worker uses, for
-//! self-checks and benchmarks (moto is far too slow to measure a rate cap or
-//! a thousand calls a second against).
+//! A minimal, fast in-process fake of the two AWS APIs the worker uses.
+//!
+//! **Only where moto is too slow.** moto (tests/support, `Stack`) is the
+//! emulator for every test that it can serve; this fake is for what it
+//! cannot: the benchmarks (tests/bench_rate.rs, tests/bench_soak.rs: rate
+//! caps and a thousand calls a second), runs of hundreds of jobs at speed
+//! (tests/kill.rs: SIGKILL mid-run), fault injection at speed (failed
+//! DeleteMessageBatch entries, a throttling token bucket), and its own
+//! self-check (tests/fake_aws_selfcheck.rs). A new test that needs none of
+//! that belongs on moto.
 //!
 //! One HTTP/1.1 server (axum) on `127.0.0.1:0`, dispatching on `x-amz-target`:
 //!
@@ -20,7 +27,7 @@
 //! (`aws-sdk-sqs/src/protocol_serde/shape_*.rs`, the schemas in
 //! `aws-sdk-cognitoidentityprovider/src/operation/forgot_password/`). The
 //! Rust SQS SDK does not check `MD5OfBody`; the fake sends the real digest
-//! anyway (RFC 1321, [`md5_hex`]) so other clients would accept it too.
+//! anyway ([`md5_hex`], the `md-5` crate) so other clients would accept it too.
 //!
 //! The server runs on its own thread and current-thread Tokio runtime, so it
 //! works from plain `#[test]`s and `#[tokio::test]`s alike, and stops when the
@@ -1158,65 +1165,10 @@ async fn forgot_password(shared: &Shared, input: &Value) -> Response {
     }
 }
 
-// ---------------------------------------------------------------------------
-// MD5 (RFC 1321), for MD5OfBody / MD5OfMessageBody
-// ---------------------------------------------------------------------------
-
-/// Lower-case hex MD5 digest of `data`.
+/// Lower-case hex MD5 digest of `data` (for MD5OfBody / MD5OfMessageBody).
 pub fn md5_hex(data: &[u8]) -> String {
-    const S: [u32; 64] = [
-        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
-        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
-        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
-    ];
-    const K: [u32; 64] = [
-        0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
-        0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
-        0xa679438e, 0x49b40821, 0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d,
-        0x02441453, 0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
-        0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a, 0xfffa3942, 0x8771f681, 0x6d9d6122,
-        0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa,
-        0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665, 0xf4292244,
-        0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
-        0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb,
-        0xeb86d391,
-    ];
-    let mut state: [u32; 4] = [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476];
-    let mut msg = data.to_vec();
-    let bit_len = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bit_len.to_le_bytes());
-    for block in msg.chunks_exact(64) {
-        let mut m = [0u32; 16];
-        for (word, bytes) in m.iter_mut().zip(block.chunks_exact(4)) {
-            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        }
-        let [mut a, mut b, mut c, mut d] = state;
-        for i in 0..64 {
-            let (f, g) = match i / 16 {
-                0 => ((b & c) | (!b & d), i),
-                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
-                2 => (b ^ c ^ d, (3 * i + 5) % 16),
-                _ => (c ^ (b | !d), (7 * i) % 16),
-            };
-            let f = f.wrapping_add(a).wrapping_add(K[i]).wrapping_add(m[g]);
-            a = d;
-            d = c;
-            c = b;
-            b = b.wrapping_add(f.rotate_left(S[i]));
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-    state
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    use md5::{Digest, Md5};
+    format!("{:x}", Md5::digest(data))
 }
 
 // ---------------------------------------------------------------------------
@@ -1284,13 +1236,6 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// Runs `reset-worker run ARGS...` against `fake` until it exits or
 /// `timeout` passes (then it is killed), measuring CPU and peak RSS.
 ///
@@ -1324,7 +1269,7 @@ pub fn run_worker(
     }
     let url = fake.url();
     let queue_url = fake.queue_url();
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", super::free_port());
     let defaults: [(&str, &str); 13] = [
         ("AWS_ENDPOINT_URL_SQS", &url),
         ("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &url),

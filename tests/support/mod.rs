@@ -1,5 +1,7 @@
 //! Shared integration-test harness: a moto server (SQS + Cognito), throwaway
-//! stacks on it, the worker binary as a child process, and small HTTP/metrics helpers.
+//! stacks on it, the worker binary as a child process or the worker app in
+//! process ([`app::spawn_app`]), Cognito on wiremock ([`cognito_mock`]), and
+//! small HTTP/metrics helpers.
 //!
 //! Use it from a `tests/*.rs` file with `mod support;`.
 //!
@@ -10,7 +12,8 @@
 //! the `RESET_WORKER_` prefix: the config loader reads every `RESET_WORKER_*`
 //! variable and rejects unknown keys, so e.g. `RESET_WORKER_TEST_MOTO_URL` in
 //! the environment breaks the config unit tests. (That name is still honoured
-//! here as a fallback.)
+//! here as a fallback.) Stacks are built by scripts/local_stack.py with the
+//! same python, so the demo, the deploy check and the tests share one builder.
 //!
 //! Never points at real AWS: every client and the worker get dummy credentials
 //! and an explicit loopback endpoint.
@@ -19,8 +22,6 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -30,7 +31,6 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_cognitoidentityprovider as cognito;
 use aws_sdk_sqs as sqs;
 use base64::Engine as _;
-use hmac::Mac as _;
 
 pub const REGION: &str = "us-east-1";
 pub const FORGOT_PASSWORD_TARGET: &str = "AWSCognitoIdentityProviderService.ForgotPassword";
@@ -57,7 +57,7 @@ pub fn moto_url() -> String {
             let url = given.unwrap_or_else(start_own_moto);
             // Recording is on already when moto runs with MOTO_ENABLE_RECORDING=True;
             // starting it again is harmless.
-            let (status, body) = http_request(&url, "POST", "/moto-api/recorder/start-recording");
+            let (status, body) = http_post(&url, "/moto-api/recorder/start-recording");
             assert_eq!(
                 status, 200,
                 "could not start moto's recorder at {url}: {body}"
@@ -136,122 +136,99 @@ fn start_own_moto() -> String {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
 }
 
 // ---------------------------------------------------------------------------
-// Minimal blocking HTTP/1.1 client
+// HTTP (blocking, ureq)
 // ---------------------------------------------------------------------------
 
-/// `GET path` on `addr` (`127.0.0.1:PORT` or `http://127.0.0.1:PORT`).
-/// Returns `(status, body)`; `(0, error text)` when the connection fails.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    http_request(addr, "GET", path)
+/// One agent for every helper: non-2xx answers are answers, not errors; no
+/// proxy from the environment (loopback only); no pooled connections, so a
+/// server that was stopped and another on the same port never get mixed up.
+fn http_agent() -> &'static ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_idle_connections(0)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    })
 }
 
-/// Like [`http_get`] with any method and an empty body.
-pub fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
-    match try_http_request(addr, method, path) {
+/// `http://…` for `addr` (`127.0.0.1:PORT` or `http://127.0.0.1:PORT`) and `path`.
+fn http_url(addr: &str, path: &str) -> String {
+    let base = addr.trim_end_matches('/');
+    if base.starts_with("http://") {
+        format!("{base}{path}")
+    } else {
+        format!("http://{base}{path}")
+    }
+}
+
+fn http_answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, String) {
+    let mut response = match response {
         Ok(response) => response,
+        Err(e) => return (0, e.to_string()),
+    };
+    let status = response.status().as_u16();
+    // moto's recording can outgrow ureq's default 10 MB cap over a whole run.
+    match response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+    {
+        Ok(body) => (status, body),
         Err(e) => (0, e.to_string()),
     }
 }
 
-fn host_port(addr: &str) -> &str {
-    let rest = addr
-        .strip_prefix("http://")
-        .unwrap_or(addr)
-        .trim_end_matches('/');
-    rest.split('/').next().unwrap_or(rest)
+/// `GET path` on `addr`. Returns `(status, body)`; `(0, error text)` when
+/// nothing answers. Blocking: from an async test, only where the server does
+/// not need the test's own thread (another process, or a multi-thread runtime).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_answer(http_agent().get(http_url(addr, path)).call())
 }
 
-fn try_http_request(addr: &str, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let host = host_port(addr);
-    let mut stream = TcpStream::connect(host)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let invalid =
-        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| invalid("no end of HTTP headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| invalid("bad HTTP status line"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if chunked {
-        body = dechunk(&body).ok_or_else(|| invalid("bad chunked body"))?;
-    }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_field = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_field.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
+/// Like [`http_get`] with `POST` and an empty body.
+pub fn http_post(addr: &str, path: &str) -> (u16, String) {
+    http_answer(http_agent().post(http_url(addr, path)).send_empty())
 }
 
 // ---------------------------------------------------------------------------
 // AWS SDK clients (moto only)
 // ---------------------------------------------------------------------------
 
-async fn sdk_config(url: &str) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
+/// An AWS config for `url` (moto, wiremock or the fake): region us-east-1,
+/// credentials test/test. Built by hand rather than loaded, so nothing from
+/// the environment or a profile (`AWS_ENDPOINT_URL_SQS`, `AWS_PROFILE`, …)
+/// can point a client anywhere else.
+pub fn sdk_config(url: &str) -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
-        .credentials_provider(sqs::config::Credentials::new(
-            "test", "test", None, None, "test",
+        .endpoint_url(url)
+        .credentials_provider(sqs::config::SharedCredentialsProvider::new(
+            sqs::config::Credentials::new("test", "test", None, None, "test"),
         ))
-        .load()
-        .await
+        .build()
 }
 
-/// SQS client for `url` (a moto server), region us-east-1, credentials test/test.
+/// SQS client for `url` (a moto server or the fake).
 pub async fn sqs_client(url: &str) -> sqs::Client {
-    let shared = sdk_config(url).await;
-    // Set on the service config too, so no inherited AWS_ENDPOINT_URL_SQS can win.
-    sqs::Client::from_conf(
-        sqs::config::Builder::from(&shared)
-            .endpoint_url(url)
-            .build(),
-    )
+    sqs::Client::new(&sdk_config(url))
 }
 
-/// Cognito user-pools client for `url` (a moto server or a wiremock server).
+/// Cognito user-pools client for `url` (a moto server, a wiremock server or the fake).
 pub async fn cognito_client(url: &str) -> cognito::Client {
-    let shared = sdk_config(url).await;
-    cognito::Client::from_conf(
-        cognito::config::Builder::from(&shared)
-            .endpoint_url(url)
-            .build(),
-    )
+    cognito::Client::new(&sdk_config(url))
 }
 
 // ---------------------------------------------------------------------------
@@ -271,136 +248,69 @@ pub struct Stack {
     pub cognito: cognito::Client,
 }
 
-fn random_suffix() -> String {
+pub fn random_suffix() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// What `scripts/local_stack.py --json` prints.
+#[derive(serde::Deserialize)]
+struct LocalStack {
+    queue_url: String,
+    dead_letter_queue_url: String,
+    user_pool_id: String,
+    client_id: String,
+    client_secret: String,
+}
+
 impl Stack {
-    /// Creates the stack with random names. FIFO queues end in `.fifo`
-    /// (FifoQueue=true, ContentBasedDeduplication=false). The main queue has
-    /// VisibilityTimeout 30 and redrives to the DLQ after 5 receives. Each user is
-    /// created with AdminCreateUser (email = the username if it has an `@`, else
-    /// `USERNAME@example.com`, verified) and MessageAction=SUPPRESS.
+    /// Creates the stack with scripts/local_stack.py (the builder the demo
+    /// and the deploy check use), with random names: a user pool (account
+    /// recovery by verified email), an app client with a secret, each user
+    /// (email = the username if it has an `@`, else `USERNAME@example.com`,
+    /// verified, no invitation), a DLQ and a main queue (VisibilityTimeout 30,
+    /// redrive to the DLQ after 5 receives). FIFO queues end in `.fifo`
+    /// (ContentBasedDeduplication=false). Nothing is enqueued.
     pub async fn new(fifo: bool, users: &[&str]) -> Stack {
-        use cognito::types::{
-            AccountRecoverySettingType, AttributeType, MessageActionType, RecoveryOptionNameType,
-            RecoveryOptionType, VerifiedAttributeType,
-        };
-        use sqs::types::QueueAttributeName as Q;
-
         let moto = moto_url();
-        let sqs = sqs_client(&moto).await;
-        let cognito = cognito_client(&moto).await;
-        let suffix = random_suffix();
-        let ext = if fifo { ".fifo" } else { "" };
-
-        let create_queue = |name: String, redrive: Option<String>| {
-            let mut req = sqs.create_queue().queue_name(name);
-            if fifo {
-                req = req
-                    .attributes(Q::FifoQueue, "true")
-                    .attributes(Q::ContentBasedDeduplication, "false");
-            }
-            if let Some(redrive) = redrive {
-                req = req
-                    .attributes(Q::VisibilityTimeout, "30")
-                    .attributes(Q::RedrivePolicy, redrive);
-            }
-            req.send()
-        };
-        let dlq_url = create_queue(format!("rw-test-dlq-{suffix}{ext}"), None)
-            .await
-            .expect("create DLQ")
-            .queue_url
-            .expect("DLQ url");
-        let dlq_arn = sqs
-            .get_queue_attributes()
-            .queue_url(&dlq_url)
-            .attribute_names(Q::QueueArn)
-            .send()
-            .await
-            .expect("DLQ attributes")
-            .attributes
-            .and_then(|mut a| a.remove(&Q::QueueArn))
-            .expect("DLQ arn");
-        let redrive = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"});
-        let queue_url = create_queue(
-            format!("rw-test-jobs-{suffix}{ext}"),
-            Some(redrive.to_string()),
-        )
-        .await
-        .expect("create queue")
-        .queue_url
-        .expect("queue url");
-
-        let recovery = AccountRecoverySettingType::builder()
-            .recovery_mechanisms(
-                RecoveryOptionType::builder()
-                    .priority(1)
-                    .name(RecoveryOptionNameType::VerifiedEmail)
-                    .build()
-                    .expect("recovery option"),
-            )
-            .build();
-        let user_pool_id = cognito
-            .create_user_pool()
-            .pool_name(format!("rw-test-{suffix}"))
-            .auto_verified_attributes(VerifiedAttributeType::Email)
-            .account_recovery_setting(recovery)
-            .send()
-            .await
-            .expect("create user pool")
-            .user_pool
-            .and_then(|p| p.id)
-            .expect("user pool id");
-        let app = cognito
-            .create_user_pool_client()
-            .user_pool_id(&user_pool_id)
-            .client_name(format!("rw-test-{suffix}"))
-            .generate_secret(true)
-            .send()
-            .await
-            .expect("create user pool client")
-            .user_pool_client
-            .expect("user pool client");
-        let client_id = app.client_id.expect("client id");
-        let client_secret = app.client_secret.expect("client secret");
-
-        for &user in users {
-            let email = if user.contains('@') {
-                user.to_string()
-            } else {
-                format!("{user}@example.com")
-            };
-            let attr = |name: &str, value: &str| {
-                AttributeType::builder()
-                    .name(name)
-                    .value(value)
-                    .build()
-                    .expect("attribute")
-            };
-            cognito
-                .admin_create_user()
-                .user_pool_id(&user_pool_id)
-                .username(user)
-                .user_attributes(attr("email", &email))
-                .user_attributes(attr("email_verified", "true"))
-                .message_action(MessageActionType::Suppress)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("AdminCreateUser {user}: {e:?}"));
+        let mut cmd = Command::new(python());
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/local_stack.py"))
+            .args(["--endpoint", &moto, "--json", "--no-campaign"]);
+        if fifo {
+            cmd.arg("--fifo");
         }
-
+        // `--user=NAME`, so a name starting with `-` is not taken for an option.
+        cmd.args(users.iter().map(|user| format!("--user={user}")));
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(|k| k.starts_with("AWS_")) {
+                cmd.env_remove(key);
+            }
+        }
+        let out = tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
+            .await
+            .expect("join local_stack.py")
+            .expect("run scripts/local_stack.py (boto3 comes with moto; run scripts/test.sh)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "scripts/local_stack.py failed ({}):\n{stderr}",
+            out.status
+        );
+        let built: LocalStack = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "scripts/local_stack.py printed no stack ({e}):\n{}\n{stderr}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
         Stack {
+            sqs: sqs_client(&moto).await,
+            cognito: cognito_client(&moto).await,
             moto,
             fifo,
-            queue_url,
-            dlq_url,
-            user_pool_id,
-            client_id,
-            client_secret,
-            sqs,
-            cognito,
+            queue_url: built.queue_url,
+            dlq_url: built.dead_letter_queue_url,
+            user_pool_id: built.user_pool_id,
+            client_id: built.client_id,
+            client_secret: built.client_secret,
         }
     }
 }
@@ -418,13 +328,36 @@ pub fn stack_env(stack: &Stack) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Cognito's SECRET_HASH: Base64(HMAC-SHA256(key = client secret, username + client id)).
+/// `settings` (JSON in the config file's shape) as the binary's environment:
+/// `{"retry": {"max_attempts": 3}}` → `RESET_WORKER_RETRY__MAX_ATTEMPTS=3`.
+pub fn settings_env(settings: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(key: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (name, value) in map {
+                    let name = name.to_uppercase();
+                    let key = if key.is_empty() {
+                        name
+                    } else {
+                        format!("{key}__{name}")
+                    };
+                    walk(&key, value, out);
+                }
+            }
+            serde_json::Value::String(s) => out.push((format!("RESET_WORKER_{key}"), s.clone())),
+            other => out.push((format!("RESET_WORKER_{key}"), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", settings, &mut out);
+    out
+}
+
+/// Cognito's SECRET_HASH, Base64(HMAC-SHA256(key = client secret, username +
+/// client id)), from the library itself. Mind the order: this helper takes
+/// `(username, client_id, client_secret)`, the library `(secret, username, client_id)`.
 pub fn secret_hash(username: &str, client_id: &str, client_secret: &str) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(client_secret.as_bytes())
-        .expect("HMAC accepts any key length");
-    mac.update(username.as_bytes());
-    mac.update(client_id.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    reset_worker::aws::cognito::secret_hash(client_secret, username, client_id)
 }
 
 // ---------------------------------------------------------------------------
@@ -665,15 +598,12 @@ pub fn spawn_worker(env: &[(String, String)], extra_args: &[&str]) -> Worker {
 impl Worker {
     /// Body of `GET /metrics` (empty when the endpoint does not answer 200).
     pub fn metrics(&self) -> String {
-        match http_get(&self.metrics_addr, "/metrics") {
-            (200, body) => body,
-            _ => String::new(),
-        }
+        scrape_metrics(&self.metrics_addr)
     }
 
     /// Status of `GET /readyz`; 0 when nothing answers.
     pub fn ready(&self) -> u16 {
-        http_get(&self.metrics_addr, "/readyz").0
+        readyz(&self.metrics_addr)
     }
 
     /// Sends SIGTERM to the worker.
@@ -725,71 +655,83 @@ impl Drop for Worker {
 // Metrics and polling
 // ---------------------------------------------------------------------------
 
-/// Sum of the samples of metric `name` in a Prometheus text exposition whose
-/// labels include every `(key, value)` in `labels`; 0.0 when there are none.
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter_map(parse_sample)
-        .filter(|(n, ls, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, value)| value)
-        .sum()
+/// Body of `GET /metrics` on `addr` (empty when it does not answer 200).
+pub fn scrape_metrics(addr: &str) -> String {
+    match http_get(addr, "/metrics") {
+        (200, body) => body,
+        _ => String::new(),
+    }
 }
 
-type Sample = (String, Vec<(String, String)>, f64);
+/// Status of `GET /readyz` on `addr`; 0 when nothing answers.
+pub fn readyz(addr: &str) -> u16 {
+    http_get(addr, "/readyz").0
+}
 
-fn parse_sample(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .unwrap_or(line.len());
-    let name = line[..name_end].to_string();
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices();
-        let mut key = String::new();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '}' => break i,
-                ',' | ' ' => {}
-                '=' => {
-                    if chars.next()?.1 != '"' {
-                        return None;
-                    }
-                    let mut value = String::new();
-                    loop {
-                        match chars.next()?.1 {
-                            '"' => break,
-                            '\\' => match chars.next()?.1 {
-                                'n' => value.push('\n'),
-                                other => value.push(other),
-                            },
-                            other => value.push(other),
-                        }
-                    }
-                    labels.push((std::mem::take(&mut key).trim().to_string(), value));
-                }
-                other => key.push(other),
-            }
-        };
-        rest = &inner[end + 1..];
-    }
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
+/// Sum of the samples of metric `name` in a Prometheus text exposition whose
+/// labels include every `(key, value)` in `labels`; 0.0 when there are none.
+///
+/// Parsed by `prometheus-parse`, which folds a histogram's `NAME_bucket` lines
+/// into one sample `NAME` (its buckets, without the `le` label) and keeps
+/// `NAME_sum` and `NAME_count` as plain samples. So `NAME_sum` and `NAME_count`
+/// are found as they are, and `NAME_bucket` (with `("le", "0.5")` among
+/// `labels`, or else every bucket) is looked up in the folded sample.
+/// Summaries' quantiles likewise, by `quantile`. Its label parser splits on
+/// `,` and `=` and drops quotes without unescaping, so label values asked for
+/// here must hold none of `,`, `=`, `"` or `\` (the worker's labels do not).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("reading lines from a string cannot fail");
+    let bucket_of = name.strip_suffix("_bucket");
+    let wanted = |key: &str| labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let bound = |key: &str| {
+        wanted(key).map(|v| match v {
+            "+Inf" => f64::INFINITY,
+            v => v.parse::<f64>().unwrap_or(f64::NAN),
+        })
     };
-    Some((name, labels, value))
+    let labels_match = |sample: &prometheus_parse::Sample, skip: &str| {
+        labels
+            .iter()
+            .filter(|(k, _)| *k != skip)
+            .all(|(k, v)| sample.labels.get(k) == Some(v))
+    };
+    scrape
+        .samples
+        .iter()
+        .map(|sample| match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
+                if sample.metric == name && labels_match(sample, "") {
+                    *v
+                } else {
+                    0.0
+                }
+            }
+            Value::Histogram(buckets) => {
+                if bucket_of != Some(sample.metric.as_str()) || !labels_match(sample, "le") {
+                    return 0.0;
+                }
+                let le = bound("le");
+                buckets
+                    .iter()
+                    .filter(|b| le.is_none_or(|le| b.less_than == le))
+                    .map(|b| b.count)
+                    .sum()
+            }
+            Value::Summary(quantiles) => {
+                if sample.metric != name || !labels_match(sample, "quantile") {
+                    return 0.0;
+                }
+                let q = bound("quantile");
+                quantiles
+                    .iter()
+                    .filter(|s| q.is_none_or(|q| s.quantile == q))
+                    .map(|s| s.count)
+                    .sum()
+            }
+        })
+        .sum()
 }
 
 /// Polls `f` every 200 ms until it returns true (→ true) or `timeout` passes (→ false).
@@ -809,5 +751,7 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+pub mod app;
+pub mod cognito_mock;
 pub mod fake_aws;
 pub mod proxy;
