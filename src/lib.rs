@@ -9,11 +9,13 @@
 //! # Layout
 //! Rooms by role; the leaves ([`config`], [`telemetry`]) import nothing of ours.
 //! - [`app`]: the worker application, built here so `main` and the tests start the same thing.
-//! - [`worker`]: the receive loop; `worker::task` runs one message (decide → call → apply);
+//! - [`worker`]: the worker; `worker::listener` is the receive loop, `worker::task` runs one
+//!   message (decide → call → apply);
 //!   [`worker::policy`] is the one place that decides what a result means and what happens next;
 //!   [`worker::outcome`] logs and counts it; [`worker::dedup`]; [`worker::reload`] (live config).
 //! - [`aws`]: the services behind small facades: [`aws::sqs`] (the queue), [`aws::deleter`]
-//!   (batched deletes), [`aws::cognito`] (the reset call, `SecretHash`, error codes; SDK retries off).
+//!   (batched deletes), [`aws::resend`] (dead-letter copies, FIFO deferrals), [`aws::cognito`]
+//!   (the reset call, `SecretHash`, error codes; SDK retries off).
 //! - [`rate`]: the request-rate cap (`governor`): hard, adaptive (AIMD on throttling) and live.
 //! - [`backoff`]: the one retry schedule (exponential, full jitter) for every retry.
 //! - [`job`]: parses a message body into a [`job::ResetJob`]; the keyed user hash for logs.
