@@ -3,59 +3,9 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
-
-/// Runs the binary with the stack's env (endpoints on moto), returns
-/// (exit code, stdout, stderr).
-fn cli(
-    stack: &Stack,
-    extra_env: &[(&str, &str)],
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reset-worker"));
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("AWS_ENDPOINT_URL_SQS", &stack.moto)
-        .env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "warn");
-    for (k, v) in stack_env(stack) {
-        cmd.env(k, v);
-    }
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn reset-worker");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(input.as_bytes()).expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("wait reset-worker");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 async fn bodies_in_queue(stack: &Stack) -> Vec<serde_json::Value> {
     drain_all(&stack.sqs, &stack.queue_url)
@@ -82,7 +32,7 @@ async fn enqueue_csv_validates_dedupes_and_writes_rejects() {
     .unwrap();
     let path = csv.to_str().unwrap();
 
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-csv", "--dry-run", path],
@@ -99,7 +49,7 @@ async fn enqueue_csv_validates_dedupes_and_writes_rejects() {
         "dry run sends nothing"
     );
 
-    let (code, out, err) = cli(&stack, &[], &["enqueue", "--campaign", "c-csv", path], None);
+    let (code, out, err) = run_cli(&stack, &[], &["enqueue", "--campaign", "c-csv", path], None);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("enqueued 3, already enqueued 0, invalid 1, duplicate 1"),
@@ -130,7 +80,7 @@ async fn enqueue_jsonl_from_stdin() {
                  {\"username\":\"j3@example.com\",\"user_context_data\":{\"ip_address\":\"198.51.100.1\"}}\n";
     let dir = tempfile::tempdir().unwrap();
     let rejects = dir.path().join("rejects.csv");
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[],
         &[
@@ -182,7 +132,7 @@ async fn resume_after_interruption_does_not_double_enqueue() {
         "sent": (10..20).collect::<Vec<usize>>(),
     });
     std::fs::write(&checkpoint, written.to_string()).unwrap();
-    let (code, _, err) = cli(
+    let (code, _, err) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-resume", path],
@@ -191,7 +141,7 @@ async fn resume_after_interruption_does_not_double_enqueue() {
     assert_eq!(code, 1, "an existing checkpoint needs --resume");
     assert!(err.contains("--resume"), "{err}");
 
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-resume", "--resume", path],
@@ -210,7 +160,7 @@ async fn resume_after_interruption_does_not_double_enqueue() {
     assert_eq!(sent, expected, "only the jobs the checkpoint lacked");
 
     // Running it again sends nothing.
-    let (code, out, _) = cli(
+    let (code, out, _) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-resume", "--resume", path],
@@ -224,7 +174,7 @@ async fn resume_after_interruption_does_not_double_enqueue() {
 #[tokio::test]
 async fn fifo_enqueue_sets_deduplication_ids() {
     let stack = Stack::new(true, &[]).await;
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-fifo", "-"],
@@ -233,7 +183,7 @@ async fn fifo_enqueue_sets_deduplication_ids() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("enqueued 2"), "{out}");
     // Within SQS's 5-minute window a second load is dropped by the queue itself.
-    let (code, _, _) = cli(
+    let (code, _, _) = run_cli(
         &stack,
         &[],
         &["enqueue", "--campaign", "c-fifo", "-"],
@@ -251,7 +201,7 @@ async fn preflight_passes_a_good_setup_and_fails_a_bad_one() {
         "RESET_WORKER_COGNITO__USER_POOL_ID",
         stack.user_pool_id.as_str(),
     )];
-    let (code, out, err) = cli(&stack, &pool, &["preflight"], None);
+    let (code, out, err) = run_cli(&stack, &pool, &["preflight"], None);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("FAIL"), "{out}");
     assert!(out.contains("PASS  app client"), "{out}");
@@ -288,7 +238,7 @@ async fn preflight_passes_a_good_setup_and_fails_a_bad_one() {
         ("RESET_WORKER_COGNITO__CLIENT_ID", bare_client.as_str()),
         ("RESET_WORKER_SQS__QUEUE_URL", bare_queue.as_str()),
     ];
-    let (code, out, _) = cli(&stack, &env, &["preflight"], None);
+    let (code, out, _) = run_cli(&stack, &env, &["preflight"], None);
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("FAIL  redrive policy"), "{out}");
     assert!(out.contains("FAIL  app client"), "{out}");
@@ -304,7 +254,7 @@ async fn status_reports_depths_and_eta() {
             .collect::<Vec<_>>(),
     )
     .await;
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[("RESET_WORKER_LIMITS__MAX_RPS", "2")],
         &["status", "--json"],
@@ -433,7 +383,7 @@ async fn config_shows_every_value_with_its_source_and_redacts_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, "[limits]\nmax_rps = 7\n").unwrap();
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
         &[("RESET_WORKER_LIMITS__BURST", "3")],
         &["config", "--config", file.to_str().unwrap()],

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use reset_worker::app::{App, Clients};
@@ -21,31 +20,6 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const COGNITO_JSON: &str = "application/x-amz-json-1.1";
 const FORGOT_PASSWORD: &str = "AWSCognitoIdentityProviderService.ForgotPassword";
-
-/// Runs `reset-worker ARGS` with the stack's env; (exit code, stdout, stderr).
-fn cli(stack: &Stack, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reset-worker"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.args(args)
-        .env("AWS_ENDPOINT_URL_SQS", &stack.moto)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "warn")
-        .envs(stack_env(stack))
-        .stdin(Stdio::null());
-    let out = cmd.output().expect("run reset-worker");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A JSONL row of about `kib` KiB, up to about 116 KiB (client metadata of
 /// up to 50 × 2 KB and 16 KiB of encoded context data: the job format's own
@@ -77,7 +51,7 @@ async fn enqueue_packs_batches_by_bytes_and_rejects_oversize_rows() {
         .collect();
     std::fs::write(&file, rows.join("\n")).unwrap();
     let path = file.to_str().unwrap();
-    let (code, out, err) = cli(&stack, &["enqueue", "--campaign", "c-big", path]);
+    let (code, out, err) = run_cli(&stack, &[], &["enqueue", "--campaign", "c-big", path], None);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("enqueued 10"), "{out}");
     assert_eq!(drain_all(&stack.sqs, &stack.queue_url).await.len(), 10);
@@ -101,7 +75,12 @@ async fn enqueue_packs_batches_by_bytes_and_rejects_oversize_rows() {
     ];
     std::fs::write(&file, rows.join("\n")).unwrap();
     let path = file.to_str().unwrap();
-    let (code, out, err) = cli(&stack, &["enqueue", "--campaign", "c-mixed", path]);
+    let (code, out, err) = run_cli(
+        &stack,
+        &[],
+        &["enqueue", "--campaign", "c-mixed", path],
+        None,
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("enqueued 1") && out.contains("invalid 1"),
@@ -144,9 +123,11 @@ async fn resume_refuses_a_reordered_input_and_sends_only_unrecorded_entries() {
     let mut reordered = users.clone();
     reordered.reverse();
     std::fs::write(&file, reordered.join("\n")).unwrap();
-    let (code, _, err) = cli(
+    let (code, _, err) = run_cli(
         &stack,
+        &[],
         &["enqueue", "--campaign", "c-order", "--resume", path],
+        None,
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("another input"), "{err}");
@@ -154,9 +135,11 @@ async fn resume_refuses_a_reordered_input_and_sends_only_unrecorded_entries() {
 
     // The original order: only the 7 unrecorded entries.
     std::fs::write(&file, users.join("\n")).unwrap();
-    let (code, out, err) = cli(
+    let (code, out, err) = run_cli(
         &stack,
+        &[],
         &["enqueue", "--campaign", "c-order", "--resume", path],
+        None,
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("enqueued 7, already enqueued 5"), "{out}");

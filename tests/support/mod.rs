@@ -515,6 +515,58 @@ pub fn forgot_password_calls(moto: &str, client_id: &str) -> Vec<serde_json::Val
 }
 
 // ---------------------------------------------------------------------------
+// The command line
+// ---------------------------------------------------------------------------
+
+/// Runs the binary with the stack's env (endpoints on moto), returns
+/// (exit code, stdout, stderr).
+pub fn run_cli(
+    stack: &Stack,
+    extra_env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reset-worker"));
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("AWS_ENDPOINT_URL_SQS", &stack.moto)
+        .env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "warn");
+    for (k, v) in stack_env(stack) {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn reset-worker");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut pipe, input.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait reset-worker");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------
 // The worker binary
 // ---------------------------------------------------------------------------
 
