@@ -2,7 +2,7 @@
 //! produce: slow or refusing answers at exact moments. The worker runs in
 //! process (`App::build_with`) against wiremock standing in for both SQS
 //! (AWS JSON 1.0) and Cognito; each test names the defect it pins down
-//! (issue "Hardening", items #1, #2, #5, #10, #12).
+//! (issue "Hardening", items #1, #2, #5, #7, #10, #12).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -415,5 +415,110 @@ async fn a_hung_receive_turns_readiness_off() {
     assert!(
         became_unready,
         "readiness must turn off once the receive times out (wait 1 s + 5 s)"
+    );
+}
+
+/// Accepts every entry of a SendMessageBatch, after `delay`.
+struct AcceptBatch(Duration);
+
+impl Respond for AcceptBatch {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let ok: Vec<Value> = body["Entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| json!({"Id": e["Id"], "MessageId": "m", "MD5OfMessageBody": "x"}))
+            .collect();
+        sqs_ok(json!({"Successful": ok, "Failed": []})).set_delay(self.0)
+    }
+}
+
+/// #7: Ctrl-C used to kill `enqueue` between a batch and its checkpoint
+/// write, so a resume sent those batches again. Now it sends no new batch,
+/// lets those in flight finish, records them and exits non-zero.
+#[tokio::test]
+async fn sigint_lets_enqueue_finish_and_record_the_batches_in_flight() {
+    let sqs = FakeSqs::start(Vec::new(), Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(target("SendMessageBatch"))
+        .respond_with(AcceptBatch(Duration::from_millis(1500)))
+        .mount(&sqs.server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.txt");
+    let users: Vec<String> = (0..100).map(|i| format!("s{i}@example.com")).collect();
+    std::fs::write(&file, users.join("\n")).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args(["enqueue", "--campaign", "c-sigint"])
+        .arg(&file)
+        .env("AWS_ENDPOINT_URL_SQS", sqs.server.uri())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env(
+            "RESET_WORKER_SQS__QUEUE_URL",
+            format!("{}/123456789012/jobs", sqs.server.uri()),
+        )
+        .env("RESET_WORKER_COGNITO__CLIENT_ID", "client-1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn reset-worker enqueue");
+    let batches = || async {
+        sqs.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| {
+                r.headers
+                    .get("x-amz-target")
+                    .is_some_and(|v| v == "AmazonSQS.SendMessageBatch")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while batches().await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(kill.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait for enqueue");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exits non-zero by itself: {stderr}"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let sent_batches = batches().await;
+    assert!(
+        (1..=4).contains(&sent_batches),
+        "only the batches in flight at the signal went out: {sent_batches}"
+    );
+    let checkpoint: Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.checkpoint", file.display())).expect("a checkpoint"),
+    )
+    .unwrap();
+    let recorded = checkpoint["sent"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        recorded,
+        10 * sent_batches,
+        "every entry SQS accepted is recorded"
     );
 }
