@@ -115,23 +115,9 @@ async fn resume_after_interruption_does_not_double_enqueue() {
     let users: Vec<String> = (0..25).map(|i| format!("r{i}@example.com")).collect();
     std::fs::write(&list, users.join("\n")).unwrap();
     let path = list.to_str().unwrap();
-    let checkpoint = format!("{path}.checkpoint");
 
     // An interrupted run that had got jobs 10..20 accepted only.
-    let loaded = reset_worker::cli::input::load(
-        &mut users.join("\n").as_bytes(),
-        path,
-        reset_worker::cli::input::Format::Auto,
-        "c-resume",
-    )
-    .unwrap();
-    let written = serde_json::json!({
-        "campaign": "c-resume",
-        "digest": reset_worker::cli::enqueue::digest(&loaded.jobs),
-        "total_jobs": 25,
-        "sent": (10..20).collect::<Vec<usize>>(),
-    });
-    std::fs::write(&checkpoint, written.to_string()).unwrap();
+    write_checkpoint(path, "c-resume", &users, &(10..20).collect::<Vec<usize>>());
     let (code, _, err) = run_cli(
         &stack,
         &[],

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use reset_worker::app::{App, Clients};
 use reset_worker::aws::{cognito, sqs};
-use reset_worker::cli::enqueue::digest;
-use reset_worker::cli::input::{self, Format};
 use reset_worker::worker::RunOptions;
 use serde_json::json;
 use support::*;
@@ -101,23 +99,9 @@ async fn resume_refuses_a_reordered_input_and_sends_only_unrecorded_entries() {
     let users: Vec<String> = (0..12).map(|i| format!("o{i}@example.com")).collect();
     std::fs::write(&file, users.join("\n")).unwrap();
     let path = file.to_str().unwrap();
-    let checkpoint = format!("{path}.checkpoint");
 
     // An interrupted run that got entries 0..5 of this input accepted.
-    let loaded = input::load(
-        &mut users.join("\n").as_bytes(),
-        path,
-        Format::Auto,
-        "c-order",
-    )
-    .unwrap();
-    let written = json!({
-        "campaign": "c-order",
-        "digest": digest(&loaded.jobs),
-        "total_jobs": 12,
-        "sent": [0, 1, 2, 3, 4],
-    });
-    std::fs::write(&checkpoint, written.to_string()).unwrap();
+    write_checkpoint(path, "c-order", &users, &[0, 1, 2, 3, 4]);
 
     // The same users in another order: refused, nothing sent.
     let mut reordered = users.clone();

@@ -8,14 +8,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use aws_sdk_sqs::types::MessageAttributeValue;
 
 use super::sqs::{
-    DEFERRAL_ATTRIBUTE, MAX_MESSAGE_ATTRIBUTES, NOT_BEFORE_ATTRIBUTE, Queue, QueueError,
-    ReceivedMessage,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFERRAL_ATTRIBUTE, MAX_MESSAGE_ATTRIBUTES, NOT_BEFORE_ATTRIBUTE,
+    Queue, QueueError, ReceivedMessage, max_message_bytes,
 };
 use crate::config::is_fifo;
 use crate::telemetry;
 
-/// A queue's `MaximumMessageSize` when it was not read.
-const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// The `reset_worker_detail` attribute is cut to this many characters.
 const MAX_DETAIL_CHARS: usize = 1024;
 
@@ -77,12 +75,7 @@ fn fit_dead_letter(
 impl Queue {
     /// Records the dead-letter queue's `MaximumMessageSize` attribute.
     pub fn set_dead_letter_limit(&self, attributes: &HashMap<String, String>) {
-        if let Some(bytes) = attributes
-            .get("MaximumMessageSize")
-            .and_then(|v| v.parse().ok())
-        {
-            let _ = self.dlq_max_bytes.set(bytes);
-        }
+        let _ = self.dlq_max_bytes.set(max_message_bytes(attributes));
     }
 
     fn dead_letter_max_bytes(&self) -> usize {

@@ -26,6 +26,18 @@ use crate::telemetry;
 
 /// SQS caps a receive and a delete batch at 10 messages.
 pub const MAX_BATCH: usize = 10;
+/// SQS's default `MaximumMessageSize`, for a queue whose attribute was not read.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// A queue's `MaximumMessageSize` from its attributes (bytes a message may
+/// hold); SQS's default when absent.
+pub fn max_message_bytes(attributes: &HashMap<String, String>) -> usize {
+    attributes
+        .get("MaximumMessageSize")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
+}
+
 /// SQS allows at most 10 message attributes.
 pub(super) const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,9 @@ pub use super::checkpoint::{Checkpoint, digest};
 use super::estimate;
 use super::input::{self, Format, Job};
 use super::progress::Progress;
-use crate::aws::sqs::{FifoIds, MAX_BATCH, Outgoing, Queue, QueueError};
+use crate::aws::sqs::{
+    DEFAULT_MAX_MESSAGE_BYTES, FifoIds, MAX_BATCH, Outgoing, Queue, QueueError, max_message_bytes,
+};
 use crate::backoff::Backoff;
 use crate::config::{Settings, is_fifo};
 
@@ -393,18 +395,6 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     );
     rejects_note();
     Ok(())
-}
-
-/// SQS's default `MaximumMessageSize`.
-const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
-
-/// The queue's `MaximumMessageSize`: the most one message may hold, and
-/// (conservatively) the most one SendMessageBatch may hold in all.
-fn max_message_bytes(attributes: &std::collections::HashMap<String, String>) -> usize {
-    attributes
-        .get("MaximumMessageSize")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES)
 }
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ pub struct CognitoSettings {
 }
 
 /// Secrets compare by value: a changed secret is a changed setting.
-fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
+pub fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
         (None, None) => true,

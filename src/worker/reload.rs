@@ -14,10 +14,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Settings, same_secret};
 use crate::rate::Limits;
 use crate::worker::Live;
 
@@ -105,12 +104,7 @@ pub async fn watch(
 
 fn update_secret(live: &Live, new: &Settings) {
     let mut slot = live.secret.write().unwrap_or_else(|e| e.into_inner());
-    let changed = match (slot.as_ref(), new.cognito.client_secret.as_ref()) {
-        (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
-        (None, None) => false,
-        _ => true,
-    };
-    if changed {
+    if !same_secret(&slot, &new.cognito.client_secret) {
         *slot = new.cognito.client_secret.clone();
         tracing::info!("client secret reloaded");
     }

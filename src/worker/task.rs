@@ -254,29 +254,30 @@ async fn apply(shared: &Shared, msg: &ReceivedMessage, outcome: Outcome) -> Outc
                 }
                 Err(err) => {
                     tracing::warn!(message_id = %msg.message_id, error = %err, "FIFO deferral by re-send failed; hiding the message instead (its group waits)");
-                    let hidden = (*delay).min(msg.visibility_left());
-                    set_visibility(shared, msg, hidden).await;
+                    hide(shared, msg, *delay, reason).await;
                 }
             }
         }
-        Outcome::Deferred { delay, reason } => {
-            let left = msg.visibility_left();
-            if *delay > left {
-                // SQS refuses more than 12 h from the receive: defer as long
-                // as it allows; the message is simply back sooner.
-                tracing::warn!(
-                    message_id = %msg.message_id,
-                    reason,
-                    wanted_seconds = delay.as_secs(),
-                    clamped_seconds = left.as_secs(),
-                    "deferral clamped to SQS's 12-hour limit from the receive"
-                );
-            }
-            set_visibility(shared, msg, (*delay).min(left)).await
-        }
+        Outcome::Deferred { delay, reason } => hide(shared, msg, *delay, reason).await,
         Outcome::Released { .. } => set_visibility(shared, msg, Duration::ZERO).await,
     }
     outcome
+}
+
+/// Defers by visibility, as long as SQS still allows: at most 12 hours from
+/// the receive (the message is simply back sooner; logged).
+async fn hide(shared: &Shared, msg: &ReceivedMessage, delay: Duration, reason: &str) {
+    let left = msg.visibility_left();
+    if delay > left {
+        tracing::warn!(
+            message_id = %msg.message_id,
+            reason,
+            wanted_seconds = delay.as_secs(),
+            clamped_seconds = left.as_secs(),
+            "deferral clamped to SQS's 12-hour limit from the receive"
+        );
+    }
+    set_visibility(shared, msg, delay.min(left)).await
 }
 
 /// A deduplication ID for one FIFO deferral: new for every deferral of the

@@ -566,6 +566,27 @@ pub fn run_cli(
     )
 }
 
+/// Writes the `enqueue` checkpoint an interrupted run over `users` (one per
+/// line, campaign `campaign`) would have left after SQS accepted the jobs at
+/// the indices `sent`: the library's own digest of the validated input.
+pub fn write_checkpoint(path: &str, campaign: &str, users: &[String], sent: &[usize]) {
+    let text = users.join("\n");
+    let loaded = reset_worker::cli::input::load(
+        &mut text.as_bytes(),
+        path,
+        reset_worker::cli::input::Format::Auto,
+        campaign,
+    )
+    .expect("the test's input is valid");
+    let written = serde_json::json!({
+        "campaign": campaign,
+        "digest": reset_worker::cli::enqueue::digest(&loaded.jobs),
+        "total_jobs": loaded.jobs.len(),
+        "sent": sent,
+    });
+    std::fs::write(format!("{path}.checkpoint"), written.to_string()).expect("write checkpoint");
+}
+
 // ---------------------------------------------------------------------------
 // The worker binary
 // ---------------------------------------------------------------------------
