@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::{cognito, sqs};
 use crate::config::Settings;
 use crate::health::{self, Health};
+use crate::ledger::{Ledger, dynamodb};
 use crate::telemetry;
 use crate::worker::outcome::Summary;
 use crate::worker::{RunOptions, Worker, reload};
@@ -27,14 +28,17 @@ pub struct Clients {
     pub sqs: aws_sdk_sqs::Client,
     /// Built by [`cognito::build_client`]: SDK retries off, a call timeout.
     pub cognito: aws_sdk_cognitoidentityprovider::Client,
+    /// For `ledger.backend = "dynamodb"`; built by [`dynamodb::build_client`].
+    pub dynamodb: aws_sdk_dynamodb::Client,
 }
 
 impl Clients {
-    /// Both clients from one AWS config.
+    /// Every client from one AWS config.
     pub fn from_sdk(sdk: &SdkConfig, settings: &Settings) -> Self {
         Self {
             sqs: sqs::build_client(sdk),
             cognito: cognito::build_client(sdk, &settings.cognito),
+            dynamodb: dynamodb::build_client(sdk),
         }
     }
 }
@@ -80,7 +84,9 @@ impl App {
         .with_context(|| format!("Failed to bind metrics.listen {}", settings.metrics.listen))?;
         let server = tokio::spawn(server);
         tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
-        let worker = Worker::new(&settings, clients.sqs, clients.cognito, health);
+        let ledger = Ledger::open(&settings.ledger, || clients.dynamodb.clone())
+            .context("Failed to open the ledger")?;
+        let worker = Worker::new(&settings, clients.sqs, clients.cognito, ledger, health);
         Ok(Self {
             settings,
             config_path,
@@ -110,6 +116,7 @@ impl App {
             action = s.cognito.action.as_str(),
             concurrency = s.limits.concurrency,
             max_rps = s.limits.max_rps,
+            ledger = s.ledger.backend.as_str(),
             secret_hash = s.cognito.client_secret.is_some(),
             "worker starting"
         );

@@ -23,6 +23,9 @@ pub struct Health {
     polling: AtomicBool,
     /// A fatal error or a shutdown stopped the worker; never cleared.
     halted: AtomicBool,
+    /// The last ledger request failed: the worker calls nobody until a
+    /// check succeeds.
+    ledger_down: AtomicBool,
 }
 
 impl Health {
@@ -31,13 +34,27 @@ impl Health {
         telemetry::ready(self.is_ready());
     }
 
+    /// Records whether the ledger answers. Returns true when this changed it.
+    pub fn set_ledger_up(&self, up: bool) -> bool {
+        let was_down = self.ledger_down.swap(!up, Ordering::Relaxed);
+        telemetry::ledger_up(up);
+        telemetry::ready(self.is_ready());
+        was_down == up
+    }
+
+    pub fn ledger_up(&self) -> bool {
+        !self.ledger_down.load(Ordering::Relaxed)
+    }
+
     pub fn halt(&self) {
         self.halted.store(true, Ordering::Relaxed);
         telemetry::ready(false);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.polling.load(Ordering::Relaxed) && !self.halted.load(Ordering::Relaxed)
+        self.polling.load(Ordering::Relaxed)
+            && !self.halted.load(Ordering::Relaxed)
+            && !self.ledger_down.load(Ordering::Relaxed)
     }
 }
 

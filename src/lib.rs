@@ -34,6 +34,7 @@ pub mod config;
 pub mod crypto;
 pub mod health;
 pub mod job;
+pub mod ledger;
 pub mod rate;
 pub mod shutdown;
 pub mod telemetry;

@@ -25,6 +25,10 @@ pub const JOB_AGE: &str = "reset_worker_job_age_seconds";
 pub const RATE_LIMIT: &str = "reset_worker_rate_limit_per_second";
 pub const READY: &str = "reset_worker_ready";
 pub const BUILD_INFO: &str = "reset_worker_build_info";
+pub const LEDGER_REQUESTS_TOTAL: &str = "reset_worker_ledger_requests_total";
+pub const LEDGER_DURATION: &str = "reset_worker_ledger_request_duration_seconds";
+pub const LEDGER_CLAIMS_TOTAL: &str = "reset_worker_ledger_claims_total";
+pub const LEDGER_UP: &str = "reset_worker_ledger_up";
 
 /// The process-wide Prometheus recorder. `metrics` allows one global
 /// recorder, so this is installed once and shared by every caller.
@@ -42,6 +46,12 @@ pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheu
         .set_buckets_for_metric(
             Matcher::Full(COGNITO_DURATION.into()),
             &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(LEDGER_DURATION.into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
         )?
         .set_buckets_for_metric(
             Matcher::Full(JOB_AGE.into()),
@@ -101,6 +111,23 @@ fn describe() {
     describe_gauge!(
         RATE_LIMIT,
         "Effective cap on ForgotPassword calls per second."
+    );
+    describe_counter!(
+        LEDGER_REQUESTS_TOTAL,
+        "Ledger requests by operation (claim, renew, finish, lookup, check) and result (ok, error, fatal)."
+    );
+    describe_histogram!(
+        LEDGER_DURATION,
+        metrics::Unit::Seconds,
+        "Latency of ledger requests, by operation."
+    );
+    describe_counter!(
+        LEDGER_CLAIMS_TOTAL,
+        "Claims by answer: granted, taken_over (an earlier claim expired mid-call), already_sent, held."
+    );
+    describe_gauge!(
+        LEDGER_UP,
+        "1 while the ledger answers; 0 while the worker waits for it."
     );
     describe_gauge!(READY, "1 when polling works and the worker is not halted.");
     describe_gauge!(
@@ -217,6 +244,19 @@ pub fn in_flight(delta: f64) {
 
 pub fn rate_limit(per_second: f64) {
     gauge!(RATE_LIMIT).set(per_second);
+}
+
+pub fn ledger_request(operation: &'static str, result: &'static str, elapsed: Duration) {
+    histogram!(LEDGER_DURATION, "operation" => operation).record(elapsed.as_secs_f64());
+    counter!(LEDGER_REQUESTS_TOTAL, "operation" => operation, "result" => result).increment(1);
+}
+
+pub fn ledger_claim(answer: &'static str) {
+    counter!(LEDGER_CLAIMS_TOTAL, "answer" => answer).increment(1);
+}
+
+pub fn ledger_up(up: bool) {
+    gauge!(LEDGER_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn ready(ready: bool) {

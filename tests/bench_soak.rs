@@ -3,8 +3,9 @@
 //!
 //!   cargo test --release --test bench_soak -- --ignored --nocapture
 //!
-//! `SOAK_JOBS` changes the job count; `SOAK_DEDUP_WINDOW=0` turns duplicate
-//! suppression off, to tell its (bounded) memory from the rest.
+//! `SOAK_JOBS` changes the job count; `SOAK_LEDGER=memory` picks the
+//! process-only ledger instead of the default SQLite file, to tell the
+//! ledger's memory from the rest.
 
 mod support;
 
@@ -66,10 +67,14 @@ fn soak_100k_jobs_rss_stays_flat() {
             format!("127.0.0.1:{}", free_port()),
         )
         .env("RUST_LOG", "warn")
+        .env(
+            "RESET_WORKER_LEDGER__PATH",
+            dir.path().join("ledger.sqlite3"),
+        )
         .envs(
-            std::env::var("SOAK_DEDUP_WINDOW")
+            std::env::var("SOAK_LEDGER")
                 .ok()
-                .map(|w| ("RESET_WORKER_DEDUP__WINDOW_SECONDS", w)),
+                .map(|backend| ("RESET_WORKER_LEDGER__BACKEND", backend)),
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

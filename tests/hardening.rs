@@ -204,6 +204,8 @@ fn settings(sqs: &FakeSqs, overrides: Value) -> Settings {
         "limits": {"concurrency": 4, "max_rps": 100, "burst": 10},
         "metrics": {"listen": "127.0.0.1:0"},
         "shutdown": {"grace_seconds": 20},
+        // The SQS fake here is wiremock; the ledger is not under test.
+        "ledger": {"backend": "memory"},
     });
     for (section, values) in overrides.as_object().into_iter().flatten() {
         for (key, value) in values.as_object().into_iter().flatten() {
@@ -217,6 +219,7 @@ async fn build(settings: Settings, sqs: &FakeSqs, cognito: &MockServer) -> App {
     let clients = Clients {
         sqs: sqs::build_client(&sdk(&sqs.server.uri())),
         cognito: cognito::build_client(&sdk(&cognito.uri()), &settings.cognito),
+        dynamodb: reset_worker::ledger::dynamodb::build_client(&sdk(&sqs.server.uri())),
     };
     App::build_with(settings, None, clients)
         .await

@@ -195,6 +195,7 @@ async fn a_fifo_deferral_does_not_stall_its_group() {
     let clients = Clients {
         sqs: sqs::build_client(&sdk_config(&stack.moto)),
         cognito: cognito::build_client(&sdk_config(&cognito_mock.uri()), &settings.cognito),
+        dynamodb: reset_worker::ledger::dynamodb::build_client(&sdk_config(&stack.moto)),
     };
     let app = App::build_with(settings, None, clients).await.unwrap();
     let summary = tokio::time::timeout(

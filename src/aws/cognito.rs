@@ -289,6 +289,27 @@ impl Cognito {
         }
     }
 
+    /// With `admin_reset_user_password`: is the user already in
+    /// `RESET_REQUIRED` (so an earlier call, whose answer was lost, did
+    /// reset them)? `None` for `forgot_password`, which leaves no trace in
+    /// the user's status. One `AdminGetUser` (needs
+    /// `cognito-idp:AdminGetUser`); it draws on a different quota than the
+    /// reset.
+    pub async fn reset_already_done(&self, job: &ResetJob) -> Option<bool> {
+        if self.action != Action::AdminResetUserPassword {
+            return None;
+        }
+        let out = self
+            .client
+            .admin_get_user()
+            .set_user_pool_id(self.user_pool_id.clone())
+            .username(job.username.expose())
+            .send()
+            .await
+            .ok()?;
+        Some(out.user_status().map(|s| s.as_str()) == Some("RESET_REQUIRED"))
+    }
+
     /// `AdminResetUserPassword`: invalidates the password, then Cognito
     /// sends a code. It takes no SecretHash, context or analytics data, and
     /// reports no delivery medium.

@@ -112,10 +112,14 @@ pub fn pack(jobs: &[Job], pending: &[usize], max_bytes: usize) -> Vec<Vec<usize>
 /// Sends the jobs the checkpoint does not record as sent, recording each
 /// accepted entry. On SIGINT/SIGTERM it sends no new batch, lets the ones in
 /// flight finish, writes the checkpoint and stops.
+/// `skip` holds the jobs not to send (users the ledger has as `sent`); they
+/// are not recorded in the checkpoint, so the input's digest stays the same
+/// and `--resume` asks the ledger again.
 pub async fn send(
     queue: Arc<Queue>,
     campaign: &str,
     jobs: &[Job],
+    skip: &HashSet<usize>,
     max_bytes: usize,
     checkpoint_path: Option<&Path>,
     resume: bool,
@@ -157,11 +161,11 @@ pub async fn send(
     let fifo = is_fifo(queue.url());
     let already = checkpoint.sent.len();
     let pending: Vec<usize> = (0..jobs.len())
-        .filter(|i| !checkpoint.sent.contains(i))
+        .filter(|i| !checkpoint.sent.contains(i) && !skip.contains(i))
         .collect();
     let mut batches = pack(jobs, &pending, max_bytes).into_iter();
-    let mut progress = Progress::new(jobs.len());
-    progress.set(checkpoint.sent.len());
+    let mut progress = Progress::new(already + pending.len());
+    progress.set(already);
 
     let interrupted = crate::shutdown::on_signal().map_err(|e| EnqueueError::Checkpoint {
         path: checkpoint_path.map(Path::to_owned).unwrap_or_default(),
@@ -191,7 +195,7 @@ pub async fn send(
         match joined {
             Ok(result) => {
                 checkpoint.sent.extend(result.sent);
-                progress.set(checkpoint.sent.len());
+                progress.set(checkpoint.sent.len().min(already + pending.len()));
                 if let Some(path) = checkpoint_path {
                     checkpoint.save(path)?;
                 }
@@ -208,10 +212,10 @@ pub async fn send(
     }
     progress.finish();
     let sent = checkpoint.sent.len() - already;
-    if interrupted.is_cancelled() && checkpoint.sent.len() < jobs.len() {
+    if interrupted.is_cancelled() && sent < pending.len() {
         return Err(EnqueueError::Interrupted {
             sent: checkpoint.sent.len(),
-            total: jobs.len(),
+            total: already + pending.len(),
         });
     }
     if failed > 0 {
@@ -291,8 +295,37 @@ pub struct EnqueueArgs {
     /// enqueue-rejects.csv for stdin).
     #[arg(long)]
     rejects: Option<PathBuf>,
+    /// Also enqueue users the ledger has as `sent` in this campaign
+    /// (by default they are skipped and counted).
+    #[arg(long)]
+    include_sent: bool,
     /// The campaign file; `-` reads stdin.
     file: String,
+}
+
+/// The jobs whose user the ledger has as `sent` in `campaign`: one batched
+/// read per 100 users. The memory ledger lives in the worker only, so it
+/// knows of none here.
+async fn already_sent(
+    settings: &Settings,
+    campaign: &str,
+    jobs: &[Job],
+) -> anyhow::Result<HashSet<usize>> {
+    let ledger = super::report::open(settings).await?;
+    if !ledger.outlives_process() {
+        return Ok(HashSet::new());
+    }
+    let usernames: Vec<String> = jobs.iter().map(|j| j.username.clone()).collect();
+    let sent = ledger
+        .sent_among(campaign, &usernames)
+        .await
+        .context("Failed to ask the ledger which users were already sent")?;
+    Ok(jobs
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| sent.contains(&j.username))
+        .map(|(i, _)| i)
+        .collect())
 }
 
 /// Runs `reset-worker enqueue`.
@@ -355,7 +388,19 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         input::write_rejects(&rejects_path, &loaded.rejects)
             .with_context(|| format!("Failed to write {}", rejects_path.display()))?;
     }
-    let valid = loaded.jobs.len();
+    let skip = if args.include_sent {
+        HashSet::new()
+    } else {
+        already_sent(settings, &args.campaign, &loaded.jobs).await?
+    };
+    if !skip.is_empty() {
+        eprintln!(
+            "skipping {} users already sent in campaign `{}` (the ledger says so; --include-sent sends them again)",
+            skip.len(),
+            args.campaign
+        );
+    }
+    let valid = loaded.jobs.len() - skip.len();
     let estimate = estimate(valid as u64, settings.limits.max_rps);
     let rejects_note = || {
         if !loaded.rejects.is_empty() {
@@ -364,9 +409,10 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     };
     if args.dry_run {
         println!(
-            "dry run: {valid} valid jobs, {} invalid, {} duplicate; about {estimate} at limits.max_rps {}",
+            "dry run: {valid} valid jobs, {} invalid, {} duplicate, {} already sent; about {estimate} at limits.max_rps {}",
             loaded.rejects.len(),
             loaded.duplicates,
+            skip.len(),
             settings.limits.max_rps
         );
         rejects_note();
@@ -380,17 +426,19 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         queue,
         &args.campaign,
         &loaded.jobs,
+        &skip,
         max_bytes,
         checkpoint.as_deref(),
         args.resume,
     )
     .await?;
     println!(
-        "enqueued {}, already enqueued {}, invalid {}, duplicate {}; about {estimate} at limits.max_rps {}",
+        "enqueued {}, already enqueued {}, invalid {}, duplicate {}, already sent {}; about {estimate} at limits.max_rps {}",
         sent.enqueued,
         sent.already_enqueued,
         loaded.rejects.len(),
         loaded.duplicates,
+        skip.len(),
         settings.limits.max_rps
     );
     rejects_note();

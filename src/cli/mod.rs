@@ -1,5 +1,6 @@
 //! The command line: `run` (the worker, see [`crate::app`]) and the
-//! operator commands `enqueue`, `status`, `preflight` and `config`.
+//! operator commands `enqueue`, `status`, `report`, `ledger init`,
+//! `preflight` and `config`.
 //!
 //! [`Cli::run`] is what `main` calls: it loads the configuration, dispatches,
 //! and maps the result to an exit code an operator (or a Kubernetes Job's
@@ -10,6 +11,7 @@ pub mod enqueue;
 pub mod input;
 pub mod preflight;
 mod progress;
+pub mod report;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -74,11 +76,28 @@ enum Command {
         /// The worker's metrics endpoint, e.g. http://127.0.0.1:9464/metrics.
         #[arg(long)]
         metrics_url: Option<String>,
+        /// Also count this campaign's users per state in the ledger.
+        #[arg(long)]
+        campaign: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Check the queues, the app client and the pool before a campaign.
+    /// Write the campaign's ledger, one row per user
+    /// (`username,state,reason,attempts,updated_at`), sorted by username;
+    /// a summary of counts per state goes to stderr.
+    Report {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        args: report::ReportArgs,
+    },
+    /// Set up the ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Check the queues, the app client, the pool and the ledger before a campaign.
     Preflight {
         #[command(flatten)]
         config: ConfigArg,
@@ -91,12 +110,26 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Create the DynamoDB table (on-demand, TTL on `expires_at`) or the
+    /// SQLite schema if missing; idempotent; prints what it did.
+    Init {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
 impl Command {
     fn config_path(&self) -> Option<&Path> {
         match self {
             Command::Run { config, .. }
             | Command::Enqueue { config, .. }
             | Command::Status { config, .. }
+            | Command::Report { config, .. }
+            | Command::Ledger {
+                command: LedgerCommand::Init { config },
+            }
             | Command::Preflight { config }
             | Command::Config { config } => config.config.as_deref(),
         }
@@ -190,8 +223,15 @@ impl Command {
             }
             Command::Enqueue { args, .. } => enqueue::run(&settings, args).await,
             Command::Status {
-                metrics_url, json, ..
-            } => status::run(&settings, metrics_url, json).await,
+                metrics_url,
+                campaign,
+                json,
+                ..
+            } => status::run(&settings, metrics_url, campaign, json).await,
+            Command::Report { args, .. } => report::run(&settings, args).await,
+            Command::Ledger {
+                command: LedgerCommand::Init { .. },
+            } => report::init(&settings).await,
             Command::Preflight { .. } => preflight::run(&settings).await,
             Command::Config { .. } => Ok(()),
         }

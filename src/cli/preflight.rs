@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::estimate;
 use crate::aws::sqs::Queue;
-use crate::config::Settings;
+use crate::config::{LedgerBackend, Settings};
+use crate::ledger::{Ledger, dynamodb};
 
 /// The account-level cap of `ForgotPassword` (UserAccountRecovery), per
 /// account and Region.
@@ -276,12 +277,42 @@ pub async fn checks(
     checks
 }
 
+/// The ledger: reachable, and (DynamoDB) the table's keys are right.
+pub async fn ledger_check(settings: &Settings, sdk: &aws_config::SdkConfig) -> Check {
+    let l = &settings.ledger;
+    let ledger = match Ledger::open(l, || dynamodb::build_client(sdk)) {
+        Ok(ledger) => ledger,
+        Err(err) => return check("ledger", Level::Fail, err.to_string()),
+    };
+    let place = match l.backend {
+        LedgerBackend::Sqlite => format!("sqlite {}", l.path.display()),
+        LedgerBackend::Dynamodb => format!("dynamodb table `{}`", l.table),
+        LedgerBackend::Memory => {
+            return check(
+                "ledger",
+                Level::Warn,
+                "memory: forgotten on exit and not shared; a restart, a second replica or a \
+                 re-run can email users a second time",
+            );
+        }
+    };
+    match ledger.check().await {
+        Ok(()) => check(
+            "ledger",
+            Level::Pass,
+            format!("{place} reachable; entries kept {} days", l.retention_days),
+        ),
+        Err(err) => check("ledger", Level::Fail, format!("{place}: {err}")),
+    }
+}
+
 /// Runs `reset-worker preflight`: prints every check; fails when any failed.
 pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let sdk = crate::aws::load_sdk_config().await;
     let queue = super::queue_with(settings, &sdk);
     let cognito = crate::aws::cognito::build_client(&sdk, &settings.cognito);
-    let checks = checks(settings, &queue, &cognito).await;
+    let mut checks = checks(settings, &queue, &cognito).await;
+    checks.push(ledger_check(settings, &sdk).await);
     for c in &checks {
         println!("{:<4}  {:<22} {}", c.level, c.name, c.detail);
     }

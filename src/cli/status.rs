@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::estimate;
 use super::preflight::count;
+use super::report::Counts;
 use crate::aws::sqs::{Queue, QueueError};
 use crate::config::Settings;
 
@@ -40,6 +41,15 @@ pub struct Status {
     /// `reset_worker_*` counters from `--metrics-url`, summed by name and
     /// outcome/result label.
     pub worker: Option<BTreeMap<String, f64>>,
+    /// With `--campaign`: the campaign's users per ledger state.
+    pub ledger: Option<CampaignCounts>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignCounts {
+    pub campaign: String,
+    pub users: u64,
+    pub states: Counts,
 }
 
 async fn queue_status(queue: &Queue, url: &str) -> Result<QueueStatus, QueueError> {
@@ -71,6 +81,7 @@ pub async fn status(
         dead_letter_queue: dlq,
         max_rps: rps,
         worker,
+        ledger: None,
     })
 }
 
@@ -123,7 +134,11 @@ impl fmt::Display for Status {
             "rate             {} calls/s (limits.max_rps)",
             self.max_rps
         )?;
-        writeln!(f, "ETA              {}", self.eta)?;
+        writeln!(f, "ETA              {} (jobs left in the queue)", self.eta)?;
+        if let Some(l) = &self.ledger {
+            writeln!(f, "ledger           campaign {}: {} users", l.campaign, l.users)?;
+            writeln!(f, "  {}", l.states.line())?;
+        }
         if let Some(worker) = &self.worker {
             writeln!(f, "worker")?;
             for (k, v) in worker {
@@ -151,6 +166,7 @@ async fn fetch_metrics(url: &str) -> anyhow::Result<String> {
 pub async fn run(
     settings: &Settings,
     metrics_url: Option<String>,
+    campaign: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
     let worker = match &metrics_url {
@@ -163,7 +179,15 @@ pub async fn run(
         None => None,
     };
     let queue = super::queue(settings).await;
-    let status = status(settings, &queue, worker).await?;
+    let mut status = status(settings, &queue, worker).await?;
+    if let Some(campaign) = campaign {
+        let states = super::report::status_counts(settings, &campaign).await?;
+        status.ledger = Some(CampaignCounts {
+            campaign,
+            users: states.total(),
+            states,
+        });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

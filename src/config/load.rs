@@ -34,6 +34,14 @@ impl Settings {
                 figment = figment.merge(Serialized::default(key, value));
             }
         }
+        if figment.find_value("dedup").is_ok() {
+            return Err(invalid(
+                "dedup",
+                "was replaced by `[ledger]`: the ledger now remembers every user \
+                 (`ledger.backend = \"memory\"` with `ledger.max_entries` is the old \
+                 in-process cache); see docs/ledger.md",
+            ));
+        }
         let mut settings: Settings = figment.extract().map_err(Box::new)?;
         settings.resolve_secret_file()?;
         settings.validate()?;
@@ -188,18 +196,15 @@ impl Settings {
                 ),
             ));
         }
-        in_range(
-            "dedup.window_seconds",
-            self.dedup.window_seconds,
-            0,
-            7 * 86400,
-        )?;
-        in_range(
-            "dedup.max_entries",
-            self.dedup.max_entries,
-            1000,
-            10_000_000,
-        )?;
+        let ledger = &self.ledger;
+        in_range("ledger.retention_days", ledger.retention_days, 1, 3650)?;
+        in_range("ledger.max_entries", ledger.max_entries, 1000, 10_000_000)?;
+        if ledger.table.trim().is_empty() {
+            return Err(invalid("ledger.table", "must not be empty"));
+        }
+        if ledger.path.as_os_str().is_empty() {
+            return Err(invalid("ledger.path", "must not be empty"));
+        }
         in_range(
             "metrics.max_campaign_labels",
             self.metrics.max_campaign_labels as u64,

@@ -101,7 +101,7 @@ pub struct Settings {
     #[serde(default)]
     pub logging: LoggingSettings,
     #[serde(default)]
-    pub dedup: DedupSettings,
+    pub ledger: LedgerSettings,
 }
 
 /// Which Cognito call a job makes.
@@ -128,20 +128,72 @@ impl Action {
     }
 }
 
+/// Where the ledger lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerBackend {
+    /// An embedded SQLite file at `ledger.path` (WAL mode). Survives
+    /// restarts; shared by processes on one host only.
+    #[default]
+    Sqlite,
+    /// A DynamoDB table, `ledger.table`: shared by every replica and re-run.
+    Dynamodb,
+    /// This process's memory only: lost on exit, not shared. For tests and
+    /// throw-away runs.
+    Memory,
+}
+
+impl LedgerBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerBackend::Sqlite => "sqlite",
+            LedgerBackend::Dynamodb => "dynamodb",
+            LedgerBackend::Memory => "memory",
+        }
+    }
+}
+
+/// What a worker does with a user whose earlier claim expired mid-call (a
+/// worker died while calling): the email may or may not have gone out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUncertain {
+    /// Call again: the user may get a second code (which voids the first),
+    /// but nobody is left without one.
+    #[default]
+    Resend,
+    /// Do not call: outcome `skipped`, reason `uncertain`; the user stays
+    /// `uncertain` in the ledger for the report.
+    Skip,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DedupSettings {
-    /// A (campaign, username) sent within this many seconds is not sent
-    /// again by this process (outcome `skipped`, reason `duplicate`), which
-    /// absorbs SQS's at-least-once redeliveries. 0–604800; 0 turns it off.
-    #[serde(default = "defaults::dedup_window_seconds")]
-    pub window_seconds: u64,
-    /// Most (campaign, username) pairs remembered, 1000–10000000. About
-    /// 340 bytes each (measured: +33 MiB RSS for 100,000 pairs), so the
-    /// default 100000 costs about 33 MiB when full. When full, the least
-    /// recently used pairs are forgotten first; redeliveries come within
-    /// minutes, which 100,000 pairs cover at any rate the quota allows.
-    #[serde(default = "defaults::dedup_max_entries")]
+pub struct LedgerSettings {
+    /// `sqlite` (default), `dynamodb` or `memory`. See docs/ledger.md.
+    #[serde(default)]
+    pub backend: LedgerBackend,
+    /// The SQLite file (backend `sqlite`), relative to the working directory.
+    /// Created with its schema when missing. Keep it on a volume that
+    /// outlives the pod.
+    #[serde(default = "defaults::ledger_path")]
+    pub path: PathBuf,
+    /// The DynamoDB table (backend `dynamodb`): partition key `campaign` (S),
+    /// sort key `username` (S), TTL attribute `expires_at`. Create it with
+    /// `reset-worker ledger init`.
+    #[serde(default = "defaults::ledger_table")]
+    pub table: String,
+    /// Days a user's entry is kept after its last change, 1–3650. After
+    /// that a new job for the user is treated as never seen.
+    #[serde(default = "defaults::retention_days")]
+    pub retention_days: u64,
+    /// `resend` (default) or `skip`: what to do with a user whose earlier
+    /// claim expired in progress (a worker died mid-call).
+    #[serde(default)]
+    pub on_uncertain: OnUncertain,
+    /// Backend `memory` only: most users remembered, 1000–10000000 (about
+    /// 350 bytes each); least recently used go first.
+    #[serde(default = "defaults::ledger_max_entries")]
     pub max_entries: u64,
 }
 
@@ -402,10 +454,16 @@ mod defaults {
     pub const fn grace_seconds() -> u64 {
         25
     }
-    pub const fn dedup_window_seconds() -> u64 {
-        24 * 60 * 60
+    pub fn ledger_path() -> std::path::PathBuf {
+        "reset-worker-ledger.sqlite3".into()
     }
-    pub const fn dedup_max_entries() -> u64 {
+    pub fn ledger_table() -> String {
+        "reset-worker-ledger".into()
+    }
+    pub const fn retention_days() -> u64 {
+        30
+    }
+    pub const fn ledger_max_entries() -> u64 {
         100_000
     }
     pub const fn max_campaign_labels() -> usize {
@@ -430,7 +488,7 @@ impl_default_from_serde!(
     RetrySettings,
     MetricsSettings,
     ShutdownSettings,
-    DedupSettings
+    LedgerSettings
 );
 
 fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {

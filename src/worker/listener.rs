@@ -75,6 +75,9 @@ impl Listener {
                     }
                 }
             }
+            if !shared.health.ledger_up() && !self.wait_for_ledger().await {
+                break;
+            }
             let Some(held) = self.take_permits(&permits).await else {
                 break;
             };
@@ -169,6 +172,35 @@ impl Listener {
                 message,
             }),
             None => Ok(summary),
+        }
+    }
+
+    /// The ledger failed: receive nothing (every job would be released
+    /// uncalled) and check it with the receive backoff until it answers.
+    /// `false` when the worker is stopping or the ledger proved misconfigured.
+    async fn wait_for_ledger(&self) -> bool {
+        let shared = &self.shared;
+        let mut backoff = new_receive_backoff();
+        loop {
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shared.stop.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match shared.ledger.check().await {
+                Ok(()) => {
+                    shared.health.set_ledger_up(true);
+                    tracing::info!("ledger answers again; resuming");
+                    return true;
+                }
+                Err(err) if err.is_fatal() => {
+                    shared.ledger_failed(&err);
+                    return false;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "ledger still unavailable");
+                }
+            }
         }
     }
 

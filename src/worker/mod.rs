@@ -7,10 +7,8 @@
 //! - [`task`]: one message, decide → call → apply;
 //! - [`policy`]: what a call's result means and what happens next;
 //! - [`outcome`]: the outcome of a message, logged and counted once;
-//! - [`dedup`]: the in-process duplicate suppression;
 //! - [`reload`]: the settings that change without a restart.
 
-pub mod dedup;
 mod listener;
 pub mod outcome;
 pub mod policy;
@@ -25,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::cognito::{CallError, Cognito, SharedSecret};
 use crate::aws::deleter::{Batcher, Deleter};
 use crate::aws::sqs::{Queue, QueueError};
-use crate::config::{RetrySettings, Settings, is_fifo};
+use crate::config::{OnUncertain, RetrySettings, Settings, is_fifo};
 use crate::health::Health;
 use crate::job::UserHasher;
+use crate::ledger::{Ledger, LedgerError};
 use crate::rate::RateLimiter;
-use dedup::Dedup;
 use listener::Listener;
 use outcome::{Summary, Tally};
 
@@ -43,18 +41,20 @@ pub enum WorkerError {
     /// The campaign is misconfigured; nothing was deleted because of it.
     #[error(
         "campaign halted: {service} answered {code}{} — check the app client ID, client secret, \
-         user pool and its email/SMS roles, the worker's IAM permissions and credentials; \
-         no message was deleted because of this error",
+         user pool and its email/SMS roles, the ledger (`ledger.*`), the worker's IAM \
+         permissions and credentials; no message was deleted because of this error",
         message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
     )]
     Fatal {
-        /// `Cognito` or `SQS`.
+        /// `Cognito`, `SQS` or `ledger`.
         service: &'static str,
         code: String,
         message: Option<String>,
     },
     #[error("start-up check failed: {0}")]
     Startup(#[from] QueueError),
+    #[error("start-up check failed: {0}")]
+    Ledger(#[from] LedgerError),
 }
 
 /// Handles to the settings that apply without a restart.
@@ -82,8 +82,13 @@ struct Shared {
     /// Shared with the config watcher, which changes its limits live.
     limiter: Arc<RateLimiter>,
     hasher: UserHasher,
-    /// Pairs sent recently, to skip SQS redeliveries (bounded TTL cache).
-    dedup: Dedup,
+    /// Every user's state: claimed before a call, finished after it. Shared
+    /// with other workers through its backend.
+    ledger: Ledger,
+    /// What to do with a user whose earlier claim expired mid-call.
+    on_uncertain: OnUncertain,
+    /// How long a final ledger write may still be retried after a stop.
+    grace: Duration,
     /// Readiness, read by `/readyz`.
     health: Arc<Health>,
     /// Outcome counts of this run.
@@ -149,6 +154,25 @@ impl Shared {
         }
     }
 
+    /// A ledger request failed: a misconfiguration halts the campaign; an
+    /// outage makes the worker wait (readiness off) until the ledger answers.
+    /// Either way this job's message is released, uncalled.
+    fn ledger_failed(&self, err: &LedgerError) -> outcome::Outcome {
+        if err.is_fatal() {
+            tracing::error!(error = %err, "the ledger refused the worker; halting the campaign");
+            self.halt_with(Halt {
+                service: "ledger",
+                code: err.code().to_owned(),
+                message: Some(err.to_string()),
+            });
+            return policy::released("halted");
+        }
+        if self.health.set_ledger_up(false) {
+            tracing::warn!(error = %err, "ledger unavailable; calling nobody until it answers");
+        }
+        policy::ledger_unavailable()
+    }
+
     fn release_reason(&self) -> &'static str {
         if self.fatal.get().is_some() {
             "halted"
@@ -170,6 +194,7 @@ impl Worker {
         settings: &Settings,
         sqs: aws_sdk_sqs::Client,
         cognito: aws_sdk_cognitoidentityprovider::Client,
+        ledger: Ledger,
         health: Arc<Health>,
     ) -> Self {
         let queue = Arc::new(Queue::new(
@@ -184,7 +209,9 @@ impl Worker {
             deleter,
             cognito: Cognito::new(cognito, &settings.cognito),
             limiter: Arc::new(RateLimiter::new((&settings.limits).into())),
-            dedup: Dedup::new(&settings.dedup, hasher.clone()),
+            ledger,
+            on_uncertain: settings.ledger.on_uncertain,
+            grace: Duration::from_secs(settings.shutdown.grace_seconds),
             hasher,
             health,
             tally: Tally::new(settings.metrics.max_campaign_labels),
@@ -215,10 +242,21 @@ impl Worker {
         }
     }
 
-    /// Checks that the queues are reachable, so a wrong URL or missing
-    /// permission fails start-up with a clear message.
+    /// Checks that the queues and the ledger are reachable, so a wrong URL,
+    /// a missing table or a missing permission fails start-up with a clear
+    /// message. A ledger that is only unreachable right now is waited for.
     pub async fn preflight(&self) -> Result<(), WorkerError> {
-        let queue = &self.listener.shared.queue;
+        let shared = &self.listener.shared;
+        match shared.ledger.check().await {
+            Ok(()) => {
+                shared.health.set_ledger_up(true);
+            }
+            Err(err) if err.is_fatal() => return Err(err.into()),
+            Err(err) => {
+                shared.ledger_failed(&err);
+            }
+        }
+        let queue = &shared.queue;
         let attrs = queue.attributes(queue.url()).await?;
         if let Some(dlq) = queue.dead_letter_url() {
             let dlq_attributes = queue.attributes(dlq).await?;

@@ -3,8 +3,9 @@
 //! [`classify`] says what a Cognito failure means; [`after_call`] turns a
 //! call's result and the attempt count into the next step (call again after
 //! a backoff, halt the campaign, or a final [`Outcome`]); the few outcomes
-//! decided without a call ([`unparsable`], [`duplicate`], [`released`],
-//! [`dead_letter_failed`]) are made here too. The worker's task asks; it
+//! decided without a call ([`unparsable`], [`already_sent`], [`released`],
+//! [`dead_letter_failed`], …) are made here too, and [`ledger_state`] says
+//! what the ledger records for each outcome. The worker's task asks; it
 //! never matches on an error code itself. The docs' outcome table
 //! (docs/outcomes.md) is the table-driven test at the bottom of this file.
 
@@ -15,6 +16,7 @@ use crate::aws::sqs::QueueError;
 use crate::backoff::Backoff;
 use crate::config::RetrySettings;
 use crate::job::JobError;
+use crate::ledger::State;
 use crate::worker::outcome::Outcome;
 
 /// What a failed call means for the job and the campaign.
@@ -161,21 +163,63 @@ pub fn unparsable(err: &JobError) -> Outcome {
     }
 }
 
-/// This process sent (or is sending) a code for the pair within the window.
-pub fn duplicate() -> Outcome {
+/// The ledger says a code was already sent to the user in this campaign.
+pub fn already_sent() -> Outcome {
     Outcome::Skipped {
-        reason: "duplicate",
+        reason: "already_sent",
     }
 }
 
-/// Another task of this process holds the pair's claim right now. This copy
-/// may be the very message that task holds (an SQS duplicate) and its fate
-/// is not known yet, so it is never deleted: it comes back after
-/// `visibility`, when the pair is either sent (then skipped) or free.
-pub fn claimed_elsewhere(visibility: Duration) -> Outcome {
+/// Another task or worker holds the user's claim for `remaining` still. This
+/// copy may be the very message that task holds (an SQS duplicate) and its
+/// fate is not known yet, so it is never deleted: it comes back when the
+/// lease ends, when the user is either sent (then skipped) or free.
+pub fn claimed_elsewhere(remaining: Duration) -> Outcome {
     Outcome::Deferred {
         reason: "claimed_elsewhere",
-        delay: visibility,
+        delay: remaining.max(Duration::from_secs(1)),
+    }
+}
+
+/// An earlier claim expired mid-call and `ledger.on_uncertain = "skip"`:
+/// not called again.
+pub fn uncertain_skipped() -> Outcome {
+    Outcome::Skipped {
+        reason: "uncertain",
+    }
+}
+
+/// An earlier claim expired mid-call, and `AdminGetUser` shows the user in
+/// `RESET_REQUIRED`: the reset happened; not called again.
+pub fn already_reset() -> Outcome {
+    Outcome::Skipped {
+        reason: "already_reset",
+    }
+}
+
+/// The ledger cannot be reached: no call without a claim. The message is
+/// released and the worker waits for the ledger.
+pub fn ledger_unavailable() -> Outcome {
+    Outcome::Released {
+        reason: "ledger_unavailable",
+    }
+}
+
+/// What the ledger records when a claimed job ends in `outcome`: the final
+/// state and its reason. A call whose answer was lost is `uncertain`; a job
+/// released or deferred is `deferred` (processed again when it comes back).
+pub fn ledger_state(outcome: &Outcome) -> (State, &'static str) {
+    match outcome {
+        Outcome::Sent { .. } => (State::Sent, "ok"),
+        Outcome::Skipped { reason } => (State::Skipped, reason),
+        Outcome::Rejected { reason, .. } => (State::Rejected, reason),
+        Outcome::Deferred {
+            reason: "uncertain",
+            ..
+        } => (State::Uncertain, "uncertain"),
+        Outcome::Deferred { reason, .. } | Outcome::Released { reason } => {
+            (State::Deferred, reason)
+        }
     }
 }
 
@@ -435,7 +479,7 @@ mod tests {
         let err = crate::job::ResetJob::parse("not json").unwrap_err();
         let o = unparsable(&err);
         assert_eq!((o.label(), o.reason()), ("rejected", "invalid_json"));
-        assert_eq!(duplicate().label(), "skipped");
+        assert_eq!(already_sent().label(), "skipped");
         let o = claimed_elsewhere(Duration::from_secs(60));
         assert_eq!((o.label(), o.reason()), ("deferred", "claimed_elsewhere"));
         assert_eq!(released("paused").reason(), "paused");

@@ -1,22 +1,24 @@
-//! One message, start to end: decide (parse, duplicate check, the call loop)
-//! while a heartbeat keeps the message hidden, then apply the outcome on SQS
-//! and record it. What each result means is [`super::policy`]'s to say.
+//! One message, start to end: decide (parse, claim the user in the ledger,
+//! the call loop, the ledger's final state) while a heartbeat keeps the
+//! message hidden and the claim alive, then apply the outcome on SQS and
+//! record it. What each result means is [`super::policy`]'s to say.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::dedup::Claim;
 use super::outcome::{Outcome, Report};
 use super::policy::{self, Step};
 use crate::aws::cognito::ErrorCode;
 use crate::aws::resend::DeadLettered;
 use crate::aws::sqs::ReceivedMessage;
 use crate::backoff::Backoff;
+use crate::config::OnUncertain;
 use crate::job::ResetJob;
+use crate::ledger::{Claim, DEFAULT_CAMPAIGN, Final, Key, Owner};
 use crate::telemetry;
 
 /// Runs one message to its outcome. The permit is held until the end, so
@@ -27,13 +29,14 @@ pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: Owne
     // it already sent is let finish first: landing after `apply` it would
     // re-hide a released message or cut a long deferral short.
     let decided_token = CancellationToken::new();
+    let held = OnceLock::new();
     let (decided, ()) = tokio::join!(
         async {
-            let decided = decide(&shared, &msg).await;
+            let decided = decide(&shared, &msg, &held).await;
             decided_token.cancel();
             decided
         },
-        heartbeat(&shared, &msg, &decided_token),
+        heartbeat(&shared, &msg, &held, &decided_token),
     );
     let outcome = apply(&shared, &msg, decided.outcome).await;
     if let Some(id) = msg.deferral_id()
@@ -72,6 +75,16 @@ struct Called {
     last_error: Option<ErrorCode>,
 }
 
+impl Called {
+    fn without_call(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
 /// Decrements the in-flight gauge however the task ends.
 struct InFlight;
 
@@ -88,10 +101,13 @@ impl Drop for InFlight {
     }
 }
 
-/// Keeps a running job's message invisible: at half the visibility timeout,
-/// extends it by a full one. Returns once `decided` fires, never in the
-/// middle of a call.
-async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, decided: &CancellationToken) {
+/// The ledger claim a task holds: (campaign, username, owner).
+type Held = OnceLock<(String, String, Owner)>;
+
+/// Keeps a running job's message invisible and its ledger claim alive: at
+/// half the visibility timeout, extends both by a full one. Returns once
+/// `decided` fires, never in the middle of a call or a ledger write.
+async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, held: &Held, decided: &CancellationToken) {
     let vt = shared.visibility;
     loop {
         tokio::select! {
@@ -105,12 +121,20 @@ async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, decided: &Cancellatio
         {
             tracing::warn!(message_id = %msg.message_id, error = %err, "visibility heartbeat failed");
         }
+        if let Some((campaign, username, owner)) = held.get() {
+            let key = Key { campaign, username };
+            match shared.ledger.renew(key, owner, vt).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(message_id = %msg.message_id, "ledger claim lost to another worker while calling"),
+                Err(err) => tracing::warn!(message_id = %msg.message_id, error = %err, "ledger lease renewal failed"),
+            }
+        }
     }
 }
 
-/// Parses the job, suppresses duplicates, and calls until decided. Touches
-/// no SQS state.
-async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
+/// Parses the job, claims the user, calls until decided and writes the
+/// ledger's final state. Touches no SQS state.
+async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided {
     let job = match ResetJob::parse(&msg.body) {
         Ok(job) => job,
         Err(err) => {
@@ -124,42 +148,111 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage) -> Decided {
         }
     };
     let user = Some(shared.hasher.user_ref(&job.username));
+    let decided = |called: Called| Decided {
+        outcome: called.outcome,
+        campaign_id: job.campaign_id.clone(),
+        user: user.clone(),
+        attempts: called.attempts,
+        last_error: called.last_error,
+    };
     if let Some(remaining) = msg
         .not_before()
         .and_then(|due| due.duration_since(SystemTime::now()).ok())
     {
-        return Decided {
-            outcome: policy::not_due(remaining),
-            campaign_id: job.campaign_id,
-            user,
-            attempts: 0,
-            last_error: None,
-        };
+        return decided(Called::without_call(policy::not_due(remaining)));
     }
-    let without_call = |outcome| Called {
-        outcome,
-        attempts: 0,
-        last_error: None,
+    let key = Key {
+        campaign: job.campaign_id.as_deref().unwrap_or(DEFAULT_CAMPAIGN),
+        username: job.username.expose(),
     };
-    let called = match shared.dedup.claim(&job) {
-        Claim::Sent => without_call(policy::duplicate()),
-        Claim::InProgress => without_call(policy::claimed_elsewhere(shared.visibility)),
-        Claim::Granted(key) => {
-            let called = call_until_decided(shared, &job).await;
-            if matches!(called.outcome, Outcome::Sent { .. }) {
-                shared.dedup.sent(key);
-            } else {
-                shared.dedup.forget(key);
-            }
-            called
+    let (owner, prior_attempts, taken_over) = match shared.ledger.claim(key, shared.visibility).await {
+        Err(err) => return decided(Called::without_call(shared.ledger_failed(&err))),
+        Ok(Claim::AlreadySent) => return decided(Called::without_call(policy::already_sent())),
+        Ok(Claim::Held { remaining }) => {
+            return decided(Called::without_call(policy::claimed_elsewhere(remaining)));
         }
+        Ok(Claim::Granted {
+            owner,
+            prior_attempts,
+        }) => (owner, prior_attempts, false),
+        Ok(Claim::TakenOver {
+            owner,
+            prior_attempts,
+        }) => (owner, prior_attempts, true),
     };
-    Decided {
-        outcome: called.outcome,
-        campaign_id: job.campaign_id,
-        user,
-        attempts: called.attempts,
-        last_error: called.last_error,
+    let _ = held.set((key.campaign.to_owned(), key.username.to_owned(), owner.clone()));
+    let called = if taken_over {
+        after_uncertain_claim(shared, &job, user.as_deref()).await
+    } else {
+        None
+    };
+    let called = match called {
+        Some(called) => called,
+        None => call_until_decided(shared, &job).await,
+    };
+    let (state, reason) = policy::ledger_state(&called.outcome);
+    let done = Final {
+        state,
+        reason,
+        attempts: prior_attempts + called.attempts,
+    };
+    record(shared, key, &owner, done, &msg.message_id).await;
+    decided(called)
+}
+
+/// An earlier claim on the user expired in progress: a worker died
+/// mid-call, and that call's fate is unknown. With
+/// `admin_reset_user_password` the user's status can tell; otherwise
+/// `ledger.on_uncertain` decides. `None`: call again.
+async fn after_uncertain_claim(shared: &Shared, job: &ResetJob, user: Option<&str>) -> Option<Called> {
+    if shared.cognito.reset_already_done(job).await == Some(true) {
+        tracing::info!(user, "earlier claim expired mid-call; the user is already RESET_REQUIRED, so not called again");
+        return Some(Called::without_call(policy::already_reset()));
+    }
+    match shared.on_uncertain {
+        OnUncertain::Skip => {
+            tracing::warn!(user, "earlier claim expired mid-call; not called again (ledger.on_uncertain = skip)");
+            Some(Called::without_call(policy::uncertain_skipped()))
+        }
+        OnUncertain::Resend => {
+            tracing::warn!(user, "earlier claim expired mid-call; calling again (ledger.on_uncertain = resend)");
+            None
+        }
+    }
+}
+
+/// Writes a claim's final state. Retried until it lands: a `sent` that is
+/// not recorded could be sent again by a re-run. After a stop it is retried
+/// for most of the grace period at most; then the user is left
+/// `in_progress`, which the next claim treats as uncertain.
+async fn record(shared: &Shared, key: Key<'_>, owner: &Owner, done: Final<'_>, message_id: &str) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut deadline = None;
+    loop {
+        match shared.ledger.finish(key, owner, done).await {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(message_id, state = %done.state, "another worker took the user over; final state not written");
+                return;
+            }
+            Err(err) if err.is_fatal() => {
+                tracing::error!(message_id, state = %done.state, error = %err, "final ledger write refused; the user stays in_progress (uncertain)");
+                shared.ledger_failed(&err);
+                return;
+            }
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(message_id, error = %err, retry_in_ms = delay.as_millis() as u64, "final ledger write failed; retrying");
+                if shared.stop.is_cancelled() {
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + shared.grace * 3 / 4);
+                    if Instant::now() + delay > until {
+                        tracing::error!(message_id, state = %done.state, "final ledger write still failing at the end of the grace period; the user stays in_progress and counts as uncertain");
+                        return;
+                    }
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub fn app_settings(stack: &Stack, patch: Value) -> Settings {
         },
         "cognito": {"client_id": stack.client_id, "client_secret": stack.client_secret},
         "metrics": {"listen": "127.0.0.1:0"},
+        "ledger": {"path": stack.ledger_path},
     });
     merge(&mut settings, patch);
     serde_json::from_value(settings).unwrap_or_else(|e| panic!("invalid test settings: {e}"))
@@ -141,6 +142,7 @@ pub async fn spawn_app(
         Some(url) => Clients {
             sqs: reset_worker::aws::sqs::build_client(&moto),
             cognito: reset_worker::aws::cognito::build_client(&sdk_config(url), &settings.cognito),
+            dynamodb: reset_worker::ledger::dynamodb::build_client(&moto),
         },
     };
     let app = App::build_with(settings, None, clients)

@@ -1242,7 +1242,8 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 /// Env: both AWS endpoints = the fake, region us-east-1, credentials
 /// test/test, no IMDS, no shared config files; `RESET_WORKER_SQS__QUEUE_URL`
 /// = the fake's job queue, `RESET_WORKER_COGNITO__CLIENT_ID=bench`, metrics on
-/// a free loopback port, 1 s long polls, JSON logs at `info`. `env` adds to
+/// a free loopback port, 1 s long polls, JSON logs at `info`, a fresh SQLite
+/// ledger in the run's temp dir. `env` adds to
 /// or overrides these, and `FAKE_AWS_WORKER_ENV` (`K=V,K=V`) to all that;
 /// inherited `RESET_WORKER_*` and `AWS_*` variables are removed.
 pub fn run_worker(
@@ -1270,7 +1271,9 @@ pub fn run_worker(
     let url = fake.url();
     let queue_url = fake.queue_url();
     let metrics = format!("127.0.0.1:{}", super::free_port());
-    let defaults: [(&str, &str); 13] = [
+    let ledger = log_dir.path().join("ledger.sqlite3");
+    let ledger = ledger.to_string_lossy();
+    let defaults: [(&str, &str); 14] = [
         ("AWS_ENDPOINT_URL_SQS", &url),
         ("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &url),
         ("AWS_REGION", REGION),
@@ -1284,6 +1287,7 @@ pub fn run_worker(
         ("RESET_WORKER_METRICS__LISTEN", &metrics),
         ("RESET_WORKER_SQS__WAIT_TIME_SECONDS", "1"),
         ("RESET_WORKER_LOG_FORMAT", "json"),
+        ("RESET_WORKER_LEDGER__PATH", &ledger),
     ];
     cmd.env("RUST_LOG", "info");
     for (k, v) in defaults.iter().chain(env) {

@@ -244,6 +244,9 @@ pub struct Stack {
     pub user_pool_id: String,
     pub client_id: String,
     pub client_secret: String,
+    /// The stack's own SQLite ledger (a fresh file in the temp dir), shared
+    /// by every worker and CLI run on the stack, as on one host.
+    pub ledger_path: String,
     pub sqs: sqs::Client,
     pub cognito: cognito::Client,
 }
@@ -311,6 +314,10 @@ impl Stack {
             user_pool_id: built.user_pool_id,
             client_id: built.client_id,
             client_secret: built.client_secret,
+            ledger_path: std::env::temp_dir()
+                .join(format!("reset-worker-ledger-{}.sqlite3", random_suffix()))
+                .to_string_lossy()
+                .into_owned(),
         }
     }
 }
@@ -322,6 +329,7 @@ pub fn stack_env(stack: &Stack) -> Vec<(String, String)> {
         ("RESET_WORKER_SQS__DEAD_LETTER_QUEUE_URL", &stack.dlq_url),
         ("RESET_WORKER_COGNITO__CLIENT_ID", &stack.client_id),
         ("RESET_WORKER_COGNITO__CLIENT_SECRET", &stack.client_secret),
+        ("RESET_WORKER_LEDGER__PATH", &stack.ledger_path),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.clone()))
@@ -535,6 +543,7 @@ pub fn run_cli(
     }
     cmd.env("AWS_ENDPOINT_URL_SQS", &stack.moto)
         .env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &stack.moto)
         .env("AWS_REGION", REGION)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -644,6 +653,7 @@ pub fn spawn_worker(env: &[(String, String)], extra_args: &[&str]) -> Worker {
     }
     cmd.env("AWS_ENDPOINT_URL_SQS", &moto)
         .env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &moto)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &moto)
         .env("AWS_REGION", REGION)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")

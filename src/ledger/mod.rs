@@ -1,0 +1,520 @@
+//! The campaign ledger: one durable entry per (campaign, username), so no
+//! restart, replica or re-run emails anyone twice, and the campaign can be
+//! reported user by user.
+//!
+//! - this file: the states, the claim rules every backend follows, and the
+//!   [`Ledger`] handle that times and counts every request;
+//! - [`sqlite`]: an embedded file (the default), WAL mode;
+//! - [`dynamodb`]: a DynamoDB table shared by every replica;
+//! - [`memory`]: this process only (moka, LRU), for tests and throw-away runs.
+//!
+//! A worker *claims* a user before its call (a conditional write: two
+//! workers can never both hold one user), renews the claim's lease with the
+//! message heartbeat, and *finishes* it with the final state after the call,
+//! before it acts on SQS, so the ledger is never behind the queue.
+
+pub mod dynamodb;
+pub mod memory;
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::config::{LedgerBackend, LedgerSettings};
+use crate::telemetry;
+
+/// The campaign of a job that names none.
+pub const DEFAULT_CAMPAIGN: &str = "default";
+
+/// Entries a report stream buffers ahead of its reader: bounds memory
+/// whatever the campaign's size.
+const REPORT_BUFFER: usize = 1024;
+
+/// Keys per `sent_among` batch (DynamoDB's BatchGetItem takes 100).
+pub const LOOKUP_BATCH: usize = 100;
+
+/// A user's state in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum State {
+    /// A worker holds the user and is calling (or about to), until its lease
+    /// runs out.
+    InProgress,
+    /// A code was sent (or the reset is confirmed). Never called again.
+    Sent,
+    /// Nothing to do (user not found, or an uncertain call not repeated).
+    Skipped,
+    /// The job can never succeed as it stands.
+    Rejected,
+    /// To be tried again (throttled, code limit, released at shutdown).
+    Deferred,
+    /// A call whose answer was lost: the email may have gone out.
+    Uncertain,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::InProgress,
+        State::Sent,
+        State::Skipped,
+        State::Rejected,
+        State::Deferred,
+        State::Uncertain,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::InProgress => "in_progress",
+            State::Sent => "sent",
+            State::Skipped => "skipped",
+            State::Rejected => "rejected",
+            State::Deferred => "deferred",
+            State::Uncertain => "uncertain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        State::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One user in one campaign.
+#[derive(Debug, Clone, Copy)]
+pub struct Key<'a> {
+    pub campaign: &'a str,
+    pub username: &'a str,
+}
+
+/// A ledger entry, as `report` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub username: String,
+    pub state: State,
+    pub reason: String,
+    /// Cognito calls made for the user over all deliveries.
+    pub attempts: u32,
+    /// Milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+}
+
+/// Who holds a claim: this worker and a number unique to the claim, so a
+/// retried write that had in fact landed is recognised as our own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner(String);
+
+impl Owner {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The user is ours: call. `prior_attempts` are earlier deliveries' calls.
+    Granted { owner: Owner, prior_attempts: u32 },
+    /// The user is ours, but an earlier claim ran out in progress (a worker
+    /// died mid-call): that call's fate is unknown.
+    TakenOver { owner: Owner, prior_attempts: u32 },
+    /// A code was already sent to the user in this campaign.
+    AlreadySent,
+    /// Another task or worker holds the user for this long still.
+    Held { remaining: Duration },
+}
+
+/// A claim's final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Final<'a> {
+    pub state: State,
+    pub reason: &'a str,
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Not reachable right now (network, timeout, throttling, 5xx, busy
+    /// file): the campaign waits and resumes by itself.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    /// Misconfigured (access denied, no such table, wrong key schema,
+    /// unwritable file): the campaign halts.
+    #[error("ledger misconfigured ({code}): {message}")]
+    Fatal { code: String, message: String },
+    /// The chosen backend cannot do this (the memory ledger outside the
+    /// worker process).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl LedgerError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LedgerError::Fatal { .. })
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            LedgerError::Unavailable(_) => "unavailable",
+            LedgerError::Fatal { code, .. } => code,
+            LedgerError::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+/// What a backend stores. Every method is one request (or one transaction);
+/// the rules of [`decide_claim`] are the same for all.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Claims the user for `owner` until `lease_until_ms`, following
+    /// [`decide_claim`] atomically.
+    async fn claim(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        now_ms: u64,
+        lease_until_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<Claim, LedgerError>;
+
+    /// Extends `owner`'s claim. `false`: it is no longer `owner`'s.
+    async fn renew(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        lease_until_ms: u64,
+    ) -> Result<bool, LedgerError>;
+
+    /// Writes the final state: if `owner` still holds the claim, or
+    /// unconditionally for `sent` (an email went out; the ledger must say
+    /// so). `false`: someone else holds it now and nothing was written.
+    async fn finish(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        done: Final<'_>,
+        now_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<bool, LedgerError>;
+
+    /// Which of `usernames` (at most [`LOOKUP_BATCH`]) are `sent` in the campaign.
+    async fn sent_among(
+        &self,
+        campaign: &str,
+        usernames: &[String],
+        now_s: u64,
+    ) -> Result<HashSet<String>, LedgerError>;
+
+    /// Streams the campaign's entries sorted by username into `out`, a page
+    /// at a time. Returns when done or when the receiver is dropped.
+    async fn entries(
+        &self,
+        campaign: &str,
+        now_s: u64,
+        out: mpsc::Sender<Result<Entry, LedgerError>>,
+    ) -> Result<(), LedgerError>;
+
+    /// One cheap request that proves the ledger is reachable and set up.
+    async fn check(&self) -> Result<(), LedgerError>;
+
+    /// Creates what is missing (table, TTL, schema); says what it did.
+    async fn init(&self) -> Result<Vec<String>, LedgerError>;
+}
+
+/// What the stored row says, for [`decide_claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub state: State,
+    pub owner: Option<&'a str>,
+    pub lease_until_ms: u64,
+    pub attempts: u32,
+    pub expires_at_s: u64,
+}
+
+/// The claim rules, one place for every backend: what a stored row means
+/// for a new claim at `now`. `None` for the row means no entry.
+pub fn decide_claim(stored: Option<Stored<'_>>, owner: &Owner, now_ms: u64) -> Claim {
+    let granted = |prior_attempts| Claim::Granted {
+        owner: owner.clone(),
+        prior_attempts,
+    };
+    let Some(row) = stored.filter(|row| row.expires_at_s * 1000 > now_ms) else {
+        return granted(0);
+    };
+    match row.state {
+        State::Sent => Claim::AlreadySent,
+        // Our own claim, landed by a write whose answer was lost.
+        State::InProgress if row.owner == Some(owner.as_str()) => granted(row.attempts),
+        State::InProgress if row.lease_until_ms > now_ms => Claim::Held {
+            remaining: Duration::from_millis(row.lease_until_ms - now_ms),
+        },
+        State::InProgress => Claim::TakenOver {
+            owner: owner.clone(),
+            prior_attempts: row.attempts,
+        },
+        State::Skipped | State::Rejected | State::Deferred | State::Uncertain => {
+            granted(row.attempts)
+        }
+    }
+}
+
+/// The ledger as the rest of the crate sees it: a backend, this worker's
+/// identity, the retention, and one timer and counter for every request.
+#[derive(Clone)]
+pub struct Ledger {
+    backend: Arc<dyn Backend>,
+    kind: LedgerBackend,
+    /// `host-pid-random`: tells this worker's claims from other workers'.
+    worker_id: Arc<str>,
+    /// Numbers this worker's claims.
+    claims: Arc<AtomicU64>,
+    retention: Duration,
+}
+
+impl Ledger {
+    /// Opens the configured backend. SQLite creates its file and schema;
+    /// DynamoDB makes no request here (`check` and `init` do).
+    pub fn open(
+        settings: &LedgerSettings,
+        dynamodb: impl FnOnce() -> aws_sdk_dynamodb::Client,
+    ) -> Result<Self, LedgerError> {
+        let backend: Arc<dyn Backend> = match settings.backend {
+            LedgerBackend::Sqlite => Arc::new(sqlite::Sqlite::open(&settings.path)?),
+            LedgerBackend::Dynamodb => Arc::new(dynamodb::Dynamo::new(
+                dynamodb(),
+                settings.table.clone(),
+            )),
+            LedgerBackend::Memory => Arc::new(memory::Memory::new(settings.max_entries)),
+        };
+        Ok(Self {
+            backend,
+            kind: settings.backend,
+            worker_id: worker_id().into(),
+            claims: Arc::new(AtomicU64::new(0)),
+            retention: Duration::from_secs(settings.retention_days * 86_400),
+        })
+    }
+
+    pub fn kind(&self) -> LedgerBackend {
+        self.kind
+    }
+
+    /// The memory ledger lives and dies with its process: an operator command
+    /// run beside the worker sees nothing of it.
+    pub fn outlives_process(&self) -> bool {
+        self.kind != LedgerBackend::Memory
+    }
+
+    pub async fn claim(&self, key: Key<'_>, lease: Duration) -> Result<Claim, LedgerError> {
+        let n = self.claims.fetch_add(1, Ordering::Relaxed);
+        let owner = Owner(format!("{}#{n}", self.worker_id));
+        let now = now_ms();
+        let lease_until = now + lease.as_millis() as u64;
+        let expires = self.expires_at_s(now);
+        let result = timed("claim", self.backend.claim(key, &owner, now, lease_until, expires)).await;
+        if let Ok(claim) = &result {
+            telemetry::ledger_claim(match claim {
+                Claim::Granted { .. } => "granted",
+                Claim::TakenOver { .. } => "taken_over",
+                Claim::AlreadySent => "already_sent",
+                Claim::Held { .. } => "held",
+            });
+        }
+        result
+    }
+
+    pub async fn renew(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        lease: Duration,
+    ) -> Result<bool, LedgerError> {
+        let lease_until = now_ms() + lease.as_millis() as u64;
+        timed("renew", self.backend.renew(key, owner, lease_until)).await
+    }
+
+    pub async fn finish(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        done: Final<'_>,
+    ) -> Result<bool, LedgerError> {
+        let now = now_ms();
+        let expires = self.expires_at_s(now);
+        timed("finish", self.backend.finish(key, owner, done, now, expires)).await
+    }
+
+    pub async fn sent_among(
+        &self,
+        campaign: &str,
+        usernames: &[String],
+    ) -> Result<HashSet<String>, LedgerError> {
+        let mut sent = HashSet::new();
+        for chunk in usernames.chunks(LOOKUP_BATCH) {
+            let found = timed(
+                "lookup",
+                self.backend.sent_among(campaign, chunk, now_ms() / 1000),
+            )
+            .await?;
+            sent.extend(found);
+        }
+        Ok(sent)
+    }
+
+    /// The campaign's entries, sorted by username, streamed with bounded
+    /// memory: the backend fills the channel a page at a time.
+    pub fn entries(&self, campaign: &str) -> mpsc::Receiver<Result<Entry, LedgerError>> {
+        let (tx, rx) = mpsc::channel(REPORT_BUFFER);
+        let backend = self.backend.clone();
+        let campaign = campaign.to_owned();
+        tokio::spawn(async move {
+            let now_s = now_ms() / 1000;
+            if let Err(err) = backend.entries(&campaign, now_s, tx.clone()).await {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        rx
+    }
+
+    pub async fn check(&self) -> Result<(), LedgerError> {
+        timed("check", self.backend.check()).await
+    }
+
+    pub async fn init(&self) -> Result<Vec<String>, LedgerError> {
+        self.backend.init().await
+    }
+
+    fn expires_at_s(&self, now_ms: u64) -> u64 {
+        (now_ms / 1000) + self.retention.as_secs()
+    }
+}
+
+/// Times and counts one ledger request.
+async fn timed<T>(
+    operation: &'static str,
+    request: impl Future<Output = Result<T, LedgerError>>,
+) -> Result<T, LedgerError> {
+    let started = Instant::now();
+    let result = request.await;
+    telemetry::ledger_request(
+        operation,
+        match &result {
+            Ok(_) => "ok",
+            Err(err) if err.is_fatal() => "fatal",
+            Err(_) => "error",
+        },
+        started.elapsed(),
+    );
+    result
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `host-pid-random`, for telling claims apart; never a secret.
+fn worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// RFC 3339 UTC with seconds, for the report.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: State, owner: &str, lease_until_ms: u64) -> Stored<'_> {
+        Stored {
+            state,
+            owner: Some(owner),
+            lease_until_ms,
+            attempts: 2,
+            expires_at_s: 10_000,
+        }
+    }
+
+    #[test]
+    fn the_claim_rules() {
+        let me = Owner("w1#1".into());
+        let now = 1_000_000;
+        assert_eq!(
+            decide_claim(None, &me, now),
+            Claim::Granted {
+                owner: me.clone(),
+                prior_attempts: 0
+            }
+        );
+        assert_eq!(
+            decide_claim(Some(row(State::Sent, "w2#1", 0)), &me, now),
+            Claim::AlreadySent
+        );
+        assert_eq!(
+            decide_claim(Some(row(State::InProgress, "w2#1", now + 5000)), &me, now),
+            Claim::Held {
+                remaining: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            decide_claim(Some(row(State::InProgress, "w2#1", now - 1)), &me, now),
+            Claim::TakenOver {
+                owner: me.clone(),
+                prior_attempts: 2
+            }
+        );
+        // A retried claim that had landed is ours, not someone else's.
+        assert!(matches!(
+            decide_claim(Some(row(State::InProgress, "w1#1", now + 5000)), &me, now),
+            Claim::Granted { .. }
+        ));
+        for again in [
+            State::Skipped,
+            State::Rejected,
+            State::Deferred,
+            State::Uncertain,
+        ] {
+            assert_eq!(
+                decide_claim(Some(row(again, "w2#1", 0)), &me, now),
+                Claim::Granted {
+                    owner: me.clone(),
+                    prior_attempts: 2
+                },
+                "{again}"
+            );
+        }
+        // Past its retention an entry counts as none, even `sent`.
+        let mut old = row(State::Sent, "w2#1", 0);
+        old.expires_at_s = now / 1000 - 1;
+        assert!(matches!(
+            decide_claim(Some(old), &me, now),
+            Claim::Granted {
+                prior_attempts: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_764_700_000_123), "2025-12-02T18:26:40Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+}

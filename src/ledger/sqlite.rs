@@ -1,0 +1,362 @@
+//! The embedded ledger: one SQLite file, WAL mode, `synchronous = FULL`
+//! (a claim or a `sent` is on disk before the worker acts on it, so even a
+//! power cut does not lose one). Several processes on one host may share the
+//! file: a claim is one `BEGIN IMMEDIATE` transaction, so two never both
+//! win.
+//!
+//! SQLite is blocking: every request runs on tokio's blocking pool with the
+//! one connection behind a mutex (held for one statement or transaction).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::mpsc;
+
+use super::{
+    Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim,
+};
+
+/// Rows read per report page: the report holds at most this many (plus the
+/// channel's buffer) at a time.
+const PAGE: usize = 1000;
+
+/// How long a writer waits for another process's transaction.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger (
+    campaign    TEXT    NOT NULL,
+    username    TEXT    NOT NULL,
+    state       TEXT    NOT NULL,
+    reason      TEXT    NOT NULL DEFAULT '',
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    owner       TEXT,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    updated_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    PRIMARY KEY (campaign, username)
+) WITHOUT ROWID;
+";
+
+pub struct Sqlite {
+    /// The one connection; a std mutex, held for one statement or
+    /// transaction on a blocking thread, never across an await.
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Sqlite {
+    /// Opens (creating) the file and its schema, and drops entries past
+    /// their retention.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let conn = Connection::open(path).map_err(|e| fatal_at(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| fatal_at(path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| fatal_at(path, e))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| fatal_at(path, e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| fatal_at(path, e))?;
+        conn.execute(
+            "DELETE FROM ledger WHERE expires_at < ?1",
+            params![(super::now_ms() / 1000) as i64],
+        )
+        .map_err(|e| fatal_at(path, e))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("ledger thread failed: {e}")))?
+        .map_err(classify)
+    }
+}
+
+fn fatal_at(path: &Path, err: rusqlite::Error) -> LedgerError {
+    LedgerError::Fatal {
+        code: "sqlite_open".into(),
+        message: format!("cannot use `ledger.path` {}: {err}", path.display()),
+    }
+}
+
+/// A busy or locked file is a wait; anything else (full disk, read-only
+/// file, corruption) needs the operator.
+fn classify(err: rusqlite::Error) -> LedgerError {
+    use rusqlite::ErrorCode as C;
+    match err.sqlite_error_code() {
+        Some(C::DatabaseBusy | C::DatabaseLocked) => LedgerError::Unavailable(err.to_string()),
+        _ => LedgerError::Fatal {
+            code: "sqlite".into(),
+            message: err.to_string(),
+        },
+    }
+}
+
+#[async_trait]
+impl Backend for Sqlite {
+    async fn claim(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        now_ms: u64,
+        lease_until_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<Claim, LedgerError> {
+        let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
+        let owner = owner.clone();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row = tx
+                .query_row(
+                    "SELECT state, owner, lease_until, attempts, expires_at FROM ledger
+                     WHERE campaign = ?1 AND username = ?2",
+                    params![campaign, username],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, i64>(2)? as u64,
+                            r.get::<_, u32>(3)?,
+                            r.get::<_, i64>(4)? as u64,
+                        ))
+                    },
+                )
+                .optional()?;
+            let stored = row.as_ref().and_then(|(state, row_owner, lease, attempts, expires)| {
+                Some(Stored {
+                    state: State::parse(state)?,
+                    owner: row_owner.as_deref(),
+                    lease_until_ms: *lease,
+                    attempts: *attempts,
+                    expires_at_s: *expires,
+                })
+            });
+            let claim = decide_claim(stored, &owner, now_ms);
+            if let Claim::Granted { prior_attempts, .. } | Claim::TakenOver { prior_attempts, .. } =
+                &claim
+            {
+                tx.execute(
+                    "INSERT INTO ledger (campaign, username, state, reason, attempts, owner,
+                                         lease_until, updated_at, expires_at)
+                     VALUES (?1, ?2, 'in_progress', '', ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (campaign, username) DO UPDATE SET
+                       state = 'in_progress', reason = '', attempts = ?3, owner = ?4,
+                       lease_until = ?5, updated_at = ?6, expires_at = ?7",
+                    params![
+                        campaign,
+                        username,
+                        prior_attempts,
+                        owner.as_str(),
+                        lease_until_ms as i64,
+                        now_ms as i64,
+                        expires_at_s as i64
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        lease_until_ms: u64,
+    ) -> Result<bool, LedgerError> {
+        let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
+        let owner = owner.clone();
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "UPDATE ledger SET lease_until = ?4
+                 WHERE campaign = ?1 AND username = ?2 AND owner = ?3 AND state = 'in_progress'",
+                params![campaign, username, owner.as_str(), lease_until_ms as i64],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        key: Key<'_>,
+        owner: &Owner,
+        done: Final<'_>,
+        now_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<bool, LedgerError> {
+        let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
+        let owner = owner.clone();
+        let (state, reason, attempts) = (done.state, done.reason.to_owned(), done.attempts);
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "INSERT INTO ledger (campaign, username, state, reason, attempts, owner,
+                                     lease_until, updated_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8)
+                 ON CONFLICT (campaign, username) DO UPDATE SET
+                   state = ?3, reason = ?4, attempts = ?5, lease_until = 0,
+                   updated_at = ?7, expires_at = ?8
+                 WHERE ?3 = 'sent' OR ledger.owner = ?6",
+                params![
+                    campaign,
+                    username,
+                    state.as_str(),
+                    reason,
+                    attempts,
+                    owner.as_str(),
+                    now_ms as i64,
+                    expires_at_s as i64
+                ],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn sent_among(
+        &self,
+        campaign: &str,
+        usernames: &[String],
+        now_s: u64,
+    ) -> Result<HashSet<String>, LedgerError> {
+        let campaign = campaign.to_owned();
+        let usernames = usernames.to_vec();
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT 1 FROM ledger WHERE campaign = ?1 AND username = ?2
+                 AND state = 'sent' AND expires_at > ?3",
+            )?;
+            let mut sent = HashSet::new();
+            for username in usernames {
+                if stmt.exists(params![campaign, username, now_s as i64])? {
+                    sent.insert(username);
+                }
+            }
+            Ok(sent)
+        })
+        .await
+    }
+
+    async fn entries(
+        &self,
+        campaign: &str,
+        now_s: u64,
+        out: mpsc::Sender<Result<Entry, LedgerError>>,
+    ) -> Result<(), LedgerError> {
+        // Keyset pagination: each page is one short read, so the report
+        // never holds the connection (or memory) for the whole campaign.
+        let mut after: Option<String> = None;
+        loop {
+            let campaign = campaign.to_owned();
+            let from = after.clone();
+            let page: Vec<Entry> = self
+                .with(move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT username, state, reason, attempts, updated_at FROM ledger
+                         WHERE campaign = ?1 AND (?2 IS NULL OR username > ?2) AND expires_at > ?3
+                         ORDER BY username LIMIT ?4",
+                    )?;
+                    let rows = stmt.query_map(params![campaign, from, now_s as i64, PAGE as i64], |r| {
+                        let state: String = r.get(1)?;
+                        Ok(Entry {
+                            username: r.get(0)?,
+                            state: State::parse(&state).unwrap_or(State::Uncertain),
+                            reason: r.get(2)?,
+                            attempts: r.get(3)?,
+                            updated_at_ms: r.get::<_, i64>(4)? as u64,
+                        })
+                    })?;
+                    rows.collect()
+                })
+                .await?;
+            let last = page.len() < PAGE;
+            after = page.last().map(|e| e.username.clone());
+            for entry in page {
+                if out.send(Ok(entry)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<(), LedgerError> {
+        self.with(|conn| conn.query_row("SELECT count(*) FROM ledger LIMIT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn init(&self) -> Result<Vec<String>, LedgerError> {
+        // `open` created the file and schema; say so.
+        self.with(|conn| {
+            let path = conn.path().unwrap_or("(memory)").to_owned();
+            Ok(vec![format!(
+                "SQLite ledger ready at {path} (table `ledger`, WAL mode)"
+            )])
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::now_ms;
+
+    fn key<'a>(user: &'a str) -> Key<'a> {
+        Key {
+            campaign: "c1",
+            username: user,
+        }
+    }
+
+    #[tokio::test]
+    async fn two_processes_sharing_a_file_never_both_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        // Two connections to one file stand for two processes.
+        let a = Sqlite::open(&path).unwrap();
+        let b = Sqlite::open(&path).unwrap();
+        let (wa, wb) = (Owner("a#1".into()), Owner("b#1".into()));
+        let now = now_ms();
+        let first = a.claim(key("u"), &wa, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        assert!(matches!(first, Claim::Granted { .. }));
+        let second = b.claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        assert!(matches!(second, Claim::Held { .. }), "{second:?}");
+        // b cannot finish a's claim with anything but `sent`.
+        let deferred = Final {
+            state: State::Deferred,
+            reason: "x",
+            attempts: 1,
+        };
+        assert!(!b.finish(key("u"), &wb, deferred, now, now / 1000 + 86_400).await.unwrap());
+        let sent = Final {
+            state: State::Sent,
+            reason: "ok",
+            attempts: 1,
+        };
+        assert!(a.finish(key("u"), &wa, sent, now, now / 1000 + 86_400).await.unwrap());
+        let again = b.claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        assert_eq!(again, Claim::AlreadySent);
+        let found = b
+            .sent_among("c1", &["u".to_owned(), "v".to_owned()], now / 1000)
+            .await
+            .unwrap();
+        assert_eq!(found, HashSet::from(["u".to_owned()]));
+    }
+}
