@@ -359,7 +359,11 @@ async fn a_redelivered_job_is_not_sent_twice() {
         2
     );
     let logs = worker.logs();
-    assert_eq!(logs.matches(r#""reason":"already_sent""#).count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches(r#""reason":"already_sent""#).count(),
+        1,
+        "{logs}"
+    );
     assert_eq!(queue_counts(&stack.sqs, &stack.queue_url).await, (0, 0));
 }
 

@@ -1,6 +1,9 @@
-//! SIGKILL mid-run (no graceful shutdown at all), then a restart: every job
-//! still completes. Runs against the fast fake (moto is too slow for 500
-//! jobs) with slow Cognito calls, and fake deletes that sometimes fail.
+//! SIGKILL mid-run (no graceful shutdown at all), then a restart on the same
+//! SQLite ledger: every job still completes, a user whose call completed
+//! before the kill is never called again, and only the users in flight at
+//! the kill are uncertain and follow `ledger.on_uncertain`. Runs against the
+//! fast fake (moto is too slow for 500 jobs) with slow Cognito calls, and
+//! fake deletes that sometimes fail.
 
 mod support;
 
@@ -12,8 +15,20 @@ use support::*;
 
 const JOBS: usize = 500;
 
-#[test]
-fn sigkill_mid_run_then_restart_completes_every_job() {
+/// What a kill and a restart left: calls per user, the second run's log and
+/// the ledger's report.
+struct AfterKill {
+    per_user: HashMap<String, usize>,
+    /// Claims the second run found expired in progress.
+    taken_over: usize,
+    /// `report` rows: (username, state, reason).
+    report: Vec<(String, String, String)>,
+}
+
+fn kill_and_restart(on_uncertain: &str) -> AfterKill {
+    let ledger_dir = tempfile::tempdir().unwrap();
+    let ledger = ledger_dir.path().join("ledger.sqlite3");
+    let ledger = ledger.to_str().unwrap();
     let fake = FakeAws::start(FakeConfig {
         cognito_latency: Duration::from_millis(150),
         // Some DeleteMessageBatch entries fail: they must be retried, and a
@@ -37,6 +52,8 @@ fn sigkill_mid_run_then_restart_completes_every_job() {
         ("RESET_WORKER_LIMITS__CONCURRENCY", "32"),
         ("RESET_WORKER_LIMITS__MAX_RPS", "400"),
         ("RESET_WORKER_LIMITS__BURST", "40"),
+        ("RESET_WORKER_LEDGER__PATH", ledger),
+        ("RESET_WORKER_LEDGER__ON_UNCERTAIN", on_uncertain),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -62,21 +79,86 @@ fn sigkill_mid_run_then_restart_completes_every_job() {
     );
     assert_eq!(second.exit_code, Some(0), "{}", second.log);
 
+    assert_eq!(fake.queue_depth(), 0, "queue drained");
     let mut per_user: HashMap<String, usize> = HashMap::new();
     for u in fake.accepted_usernames() {
         *per_user.entry(u).or_insert(0) += 1;
     }
-    assert_eq!(per_user.len(), JOBS, "every user got a code");
-    let duplicates: usize = per_user.values().map(|n| n - 1).sum();
+    let taken_over = second.log.matches("earlier claim expired mid-call").count();
     eprintln!(
-        "SIGKILL after {at_kill} calls: {JOBS} users, {} calls, {duplicates} duplicates \
-         (calls in flight at the kill, or awaiting their delete)",
-        JOBS + duplicates
+        "SIGKILL after {at_kill} calls: {} users called, {} calls, {taken_over} uncertain claims",
+        per_user.len(),
+        per_user.values().sum::<usize>()
     );
-    // Only calls in flight or awaiting their delete flush at the kill can
-    // repeat: at most the concurrency plus one flush interval's worth.
-    assert!(duplicates <= 32 + 40, "{duplicates} duplicates");
-    assert_eq!(fake.queue_depth(), 0, "queue drained");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
+        .args(["report", "--campaign", "default"])
+        .env("RESET_WORKER_SQS__QUEUE_URL", &queue_url)
+        .env("RESET_WORKER_COGNITO__CLIENT_ID", "bench")
+        .env("RESET_WORKER_LEDGER__PATH", ledger)
+        .output()
+        .expect("run report");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_owned(), f[1].to_owned(), f[2].to_owned())
+        })
+        .collect();
+    AfterKill {
+        per_user,
+        taken_over,
+        report,
+    }
+}
+
+#[test]
+fn sigkill_then_restart_calls_again_only_the_users_in_flight_at_the_kill() {
+    let after = kill_and_restart("resend");
+    assert_eq!(after.per_user.len(), JOBS, "every user got a code");
+    let duplicates: usize = after.per_user.values().map(|n| n - 1).sum();
+    // Without the ledger, the calls awaiting their delete flush at the kill
+    // were repeated too (up to 72 here). Now a second call is only ever one
+    // whose claim the kill left in progress: at most the concurrency (32).
+    assert!(
+        duplicates <= after.taken_over,
+        "{duplicates} second calls, but only {} uncertain claims",
+        after.taken_over
+    );
+    assert!(
+        after.taken_over <= 32,
+        "{} uncertain claims",
+        after.taken_over
+    );
+    assert_eq!(after.report.len(), JOBS);
+    assert!(after.report.iter().all(|(_, state, _)| state == "sent"));
+}
+
+#[test]
+fn with_on_uncertain_skip_nobody_is_called_twice() {
+    let after = kill_and_restart("skip");
+    assert!(
+        after.per_user.values().all(|&n| n == 1),
+        "a user was called twice"
+    );
+    let uncertain: Vec<_> = after
+        .report
+        .iter()
+        .filter(|(_, state, _)| state == "uncertain")
+        .collect();
+    assert_eq!(uncertain.len(), after.taken_over);
+    assert!(after.taken_over <= 32);
+    // Every user is either sent or uncertain; none is lost.
+    assert_eq!(after.report.len(), JOBS);
+    assert_eq!(
+        after.report.iter().filter(|(_, s, _)| s == "sent").count() + uncertain.len(),
+        JOBS
+    );
 }
 
 #[test]

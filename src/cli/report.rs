@@ -79,7 +79,11 @@ impl Counts {
     pub fn line(&self) -> String {
         let parts: Vec<String> = State::ALL
             .iter()
-            .filter_map(|s| self.0.get(s.as_str()).map(|n| format!("{} {n}", s.as_str())))
+            .filter_map(|s| {
+                self.0
+                    .get(s.as_str())
+                    .map(|n| format!("{} {n}", s.as_str()))
+            })
             .collect();
         if parts.is_empty() {
             "no users".into()
@@ -92,7 +96,8 @@ impl Counts {
 /// The ledger of `settings`, with the default AWS config for DynamoDB.
 pub async fn open(settings: &Settings) -> anyhow::Result<Ledger> {
     let sdk = crate::aws::load_sdk_config().await;
-    Ledger::open(&settings.ledger, || dynamodb::build_client(&sdk)).context("Failed to open the ledger")
+    Ledger::open(&settings.ledger, || dynamodb::build_client(&sdk))
+        .context("Failed to open the ledger")
 }
 
 /// Refuses what the memory ledger cannot do outside the worker.

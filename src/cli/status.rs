@@ -136,7 +136,11 @@ impl fmt::Display for Status {
         )?;
         writeln!(f, "ETA              {} (jobs left in the queue)", self.eta)?;
         if let Some(l) = &self.ledger {
-            writeln!(f, "ledger           campaign {}: {} users", l.campaign, l.users)?;
+            writeln!(
+                f,
+                "ledger           campaign {}: {} users",
+                l.campaign, l.users
+            )?;
             writeln!(f, "  {}", l.states.line())?;
         }
         if let Some(worker) = &self.worker {

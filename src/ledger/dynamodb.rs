@@ -28,9 +28,7 @@ use aws_sdk_dynamodb::types::{
 };
 use tokio::sync::mpsc;
 
-use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim,
-};
+use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
 use crate::backoff::Backoff;
 
 /// Items per report page (`Query`'s `Limit`): the report holds at most
@@ -86,7 +84,9 @@ fn key_item(key: Key<'_>) -> HashMap<String, AttributeValue> {
 }
 
 fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
-    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
 }
 
 fn get_n(item: &HashMap<String, AttributeValue>, name: &str) -> u64 {

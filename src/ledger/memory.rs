@@ -12,9 +12,7 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use tokio::sync::mpsc;
 
-use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim,
-};
+use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
 
 #[derive(Debug, Clone)]
 struct Row {
@@ -99,18 +97,20 @@ impl Backend for Memory {
         lease_until_ms: u64,
     ) -> Result<bool, LedgerError> {
         let mut renewed = false;
-        self.rows.entry(id(key)).and_compute_with(|current| match current {
-            Some(e)
-                if e.value().state == State::InProgress
-                    && e.value().owner.as_deref() == Some(owner.as_str()) =>
-            {
-                renewed = true;
-                let mut row = e.into_value();
-                row.lease_until_ms = lease_until_ms;
-                Op::Put(row)
-            }
-            _ => Op::Nop,
-        });
+        self.rows
+            .entry(id(key))
+            .and_compute_with(|current| match current {
+                Some(e)
+                    if e.value().state == State::InProgress
+                        && e.value().owner.as_deref() == Some(owner.as_str()) =>
+                {
+                    renewed = true;
+                    let mut row = e.into_value();
+                    row.lease_until_ms = lease_until_ms;
+                    Op::Put(row)
+                }
+                _ => Op::Nop,
+            });
         Ok(renewed)
     }
 
@@ -230,6 +230,10 @@ mod tests {
         }
         m.rows.run_pending_tasks();
         let remembered = m.sent_among("c", &users[2500..], now / 1000).await.unwrap();
-        assert_eq!(remembered.len(), 500, "the last 500 users must all be remembered");
+        assert_eq!(
+            remembered.len(),
+            500,
+            "the last 500 users must all be remembered"
+        );
     }
 }

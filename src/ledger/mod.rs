@@ -289,10 +289,9 @@ impl Ledger {
     ) -> Result<Self, LedgerError> {
         let backend: Arc<dyn Backend> = match settings.backend {
             LedgerBackend::Sqlite => Arc::new(sqlite::Sqlite::open(&settings.path)?),
-            LedgerBackend::Dynamodb => Arc::new(dynamodb::Dynamo::new(
-                dynamodb(),
-                settings.table.clone(),
-            )),
+            LedgerBackend::Dynamodb => {
+                Arc::new(dynamodb::Dynamo::new(dynamodb(), settings.table.clone()))
+            }
             LedgerBackend::Memory => Arc::new(memory::Memory::new(settings.max_entries)),
         };
         Ok(Self {
@@ -320,7 +319,11 @@ impl Ledger {
         let now = now_ms();
         let lease_until = now + lease.as_millis() as u64;
         let expires = self.expires_at_s(now);
-        let result = timed("claim", self.backend.claim(key, &owner, now, lease_until, expires)).await;
+        let result = timed(
+            "claim",
+            self.backend.claim(key, &owner, now, lease_until, expires),
+        )
+        .await;
         if let Ok(claim) = &result {
             telemetry::ledger_claim(match claim {
                 Claim::Granted { .. } => "granted",
@@ -350,7 +353,11 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let now = now_ms();
         let expires = self.expires_at_s(now);
-        timed("finish", self.backend.finish(key, owner, done, now, expires)).await
+        timed(
+            "finish",
+            self.backend.finish(key, owner, done, now, expires),
+        )
+        .await
     }
 
     pub async fn sent_among(

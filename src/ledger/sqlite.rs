@@ -16,9 +16,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim,
-};
+use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
 
 /// Rows read per report page: the report holds at most this many (plus the
 /// channel's buffer) at a time.
@@ -53,7 +51,8 @@ impl Sqlite {
     /// their retention.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
         let conn = Connection::open(path).map_err(|e| fatal_at(path, e))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| fatal_at(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| fatal_at(path, e))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| fatal_at(path, e))?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -135,15 +134,17 @@ impl Backend for Sqlite {
                     },
                 )
                 .optional()?;
-            let stored = row.as_ref().and_then(|(state, row_owner, lease, attempts, expires)| {
-                Some(Stored {
-                    state: State::parse(state)?,
-                    owner: row_owner.as_deref(),
-                    lease_until_ms: *lease,
-                    attempts: *attempts,
-                    expires_at_s: *expires,
-                })
-            });
+            let stored = row
+                .as_ref()
+                .and_then(|(state, row_owner, lease, attempts, expires)| {
+                    Some(Stored {
+                        state: State::parse(state)?,
+                        owner: row_owner.as_deref(),
+                        lease_until_ms: *lease,
+                        attempts: *attempts,
+                        expires_at_s: *expires,
+                    })
+                });
             let claim = decide_claim(stored, &owner, now_ms);
             if let Claim::Granted { prior_attempts, .. } | Claim::TakenOver { prior_attempts, .. } =
                 &claim
@@ -270,16 +271,17 @@ impl Backend for Sqlite {
                          WHERE campaign = ?1 AND (?2 IS NULL OR username > ?2) AND expires_at > ?3
                          ORDER BY username LIMIT ?4",
                     )?;
-                    let rows = stmt.query_map(params![campaign, from, now_s as i64, PAGE as i64], |r| {
-                        let state: String = r.get(1)?;
-                        Ok(Entry {
-                            username: r.get(0)?,
-                            state: State::parse(&state).unwrap_or(State::Uncertain),
-                            reason: r.get(2)?,
-                            attempts: r.get(3)?,
-                            updated_at_ms: r.get::<_, i64>(4)? as u64,
-                        })
-                    })?;
+                    let rows =
+                        stmt.query_map(params![campaign, from, now_s as i64, PAGE as i64], |r| {
+                            let state: String = r.get(1)?;
+                            Ok(Entry {
+                                username: r.get(0)?,
+                                state: State::parse(&state).unwrap_or(State::Uncertain),
+                                reason: r.get(2)?,
+                                attempts: r.get(3)?,
+                                updated_at_ms: r.get::<_, i64>(4)? as u64,
+                            })
+                        })?;
                     rows.collect()
                 })
                 .await?;
@@ -334,9 +336,15 @@ mod tests {
         let b = Sqlite::open(&path).unwrap();
         let (wa, wb) = (Owner("a#1".into()), Owner("b#1".into()));
         let now = now_ms();
-        let first = a.claim(key("u"), &wa, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        let first = a
+            .claim(key("u"), &wa, now, now + 60_000, now / 1000 + 86_400)
+            .await
+            .unwrap();
         assert!(matches!(first, Claim::Granted { .. }));
-        let second = b.claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        let second = b
+            .claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400)
+            .await
+            .unwrap();
         assert!(matches!(second, Claim::Held { .. }), "{second:?}");
         // b cannot finish a's claim with anything but `sent`.
         let deferred = Final {
@@ -344,14 +352,25 @@ mod tests {
             reason: "x",
             attempts: 1,
         };
-        assert!(!b.finish(key("u"), &wb, deferred, now, now / 1000 + 86_400).await.unwrap());
+        assert!(
+            !b.finish(key("u"), &wb, deferred, now, now / 1000 + 86_400)
+                .await
+                .unwrap()
+        );
         let sent = Final {
             state: State::Sent,
             reason: "ok",
             attempts: 1,
         };
-        assert!(a.finish(key("u"), &wa, sent, now, now / 1000 + 86_400).await.unwrap());
-        let again = b.claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400).await.unwrap();
+        assert!(
+            a.finish(key("u"), &wa, sent, now, now / 1000 + 86_400)
+                .await
+                .unwrap()
+        );
+        let again = b
+            .claim(key("u"), &wb, now, now + 60_000, now / 1000 + 86_400)
+            .await
+            .unwrap();
         assert_eq!(again, Claim::AlreadySent);
         let found = b
             .sent_among("c1", &["u".to_owned(), "v".to_owned()], now / 1000)

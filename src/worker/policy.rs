@@ -175,9 +175,12 @@ pub fn already_sent() -> Outcome {
 /// fate is not known yet, so it is never deleted: it comes back when the
 /// lease ends, when the user is either sent (then skipped) or free.
 pub fn claimed_elsewhere(remaining: Duration) -> Outcome {
+    // SQS counts visibility in whole seconds: round up, so the copy never
+    // comes back while the lease still runs.
+    let whole = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
     Outcome::Deferred {
         reason: "claimed_elsewhere",
-        delay: remaining.max(Duration::from_secs(1)),
+        delay: Duration::from_secs(whole.max(1)),
     }
 }
 
@@ -211,6 +214,14 @@ pub fn ledger_unavailable() -> Outcome {
 pub fn ledger_state(outcome: &Outcome) -> (State, &'static str) {
     match outcome {
         Outcome::Sent { .. } => (State::Sent, "ok"),
+        // The user's status shows the lost call did reset them.
+        Outcome::Skipped {
+            reason: "already_reset",
+        } => (State::Sent, "already_reset"),
+        // Not called again: the email may or may not have gone out.
+        Outcome::Skipped {
+            reason: "uncertain",
+        } => (State::Uncertain, "uncertain"),
         Outcome::Skipped { reason } => (State::Skipped, reason),
         Outcome::Rejected { reason, .. } => (State::Rejected, reason),
         Outcome::Deferred {
@@ -443,6 +454,58 @@ mod tests {
         for code in [Some("InternalError"), Some("ServiceUnavailable"), None] {
             assert!(!queue_error_is_fatal(&err(code)), "{code:?}");
         }
+    }
+
+    #[test]
+    fn what_the_ledger_records_for_each_outcome() {
+        let cases = [
+            (Outcome::Sent { medium: "EMAIL" }, State::Sent, "ok"),
+            (already_reset(), State::Sent, "already_reset"),
+            (uncertain_skipped(), State::Uncertain, "uncertain"),
+            (
+                Outcome::Skipped {
+                    reason: "user_not_found",
+                },
+                State::Skipped,
+                "user_not_found",
+            ),
+            (
+                Outcome::Rejected {
+                    reason: "InvalidParameterException",
+                    detail: String::new(),
+                },
+                State::Rejected,
+                "InvalidParameterException",
+            ),
+            (
+                Outcome::Deferred {
+                    reason: "uncertain",
+                    delay: Duration::from_secs(300),
+                },
+                State::Uncertain,
+                "uncertain",
+            ),
+            (
+                Outcome::Deferred {
+                    reason: "user_limit_exceeded",
+                    delay: Duration::from_secs(3600),
+                },
+                State::Deferred,
+                "user_limit_exceeded",
+            ),
+            (released("shutdown"), State::Deferred, "shutdown"),
+        ];
+        for (outcome, state, reason) in cases {
+            assert_eq!(ledger_state(&outcome), (state, reason), "{outcome:?}");
+        }
+        // Rounded up to whole seconds, never below the lease.
+        assert_eq!(
+            claimed_elsewhere(Duration::from_millis(29_001)),
+            Outcome::Deferred {
+                reason: "claimed_elsewhere",
+                delay: Duration::from_secs(30)
+            }
+        );
     }
 
     #[test]

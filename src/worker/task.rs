@@ -107,7 +107,12 @@ type Held = OnceLock<(String, String, Owner)>;
 /// Keeps a running job's message invisible and its ledger claim alive: at
 /// half the visibility timeout, extends both by a full one. Returns once
 /// `decided` fires, never in the middle of a call or a ledger write.
-async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, held: &Held, decided: &CancellationToken) {
+async fn heartbeat(
+    shared: &Shared,
+    msg: &ReceivedMessage,
+    held: &Held,
+    decided: &CancellationToken,
+) {
     let vt = shared.visibility;
     loop {
         tokio::select! {
@@ -125,8 +130,12 @@ async fn heartbeat(shared: &Shared, msg: &ReceivedMessage, held: &Held, decided:
             let key = Key { campaign, username };
             match shared.ledger.renew(key, owner, vt).await {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(message_id = %msg.message_id, "ledger claim lost to another worker while calling"),
-                Err(err) => tracing::warn!(message_id = %msg.message_id, error = %err, "ledger lease renewal failed"),
+                Ok(false) => {
+                    tracing::warn!(message_id = %msg.message_id, "ledger claim lost to another worker while calling")
+                }
+                Err(err) => {
+                    tracing::warn!(message_id = %msg.message_id, error = %err, "ledger lease renewal failed")
+                }
             }
         }
     }
@@ -165,22 +174,27 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
         campaign: job.campaign_id.as_deref().unwrap_or(DEFAULT_CAMPAIGN),
         username: job.username.expose(),
     };
-    let (owner, prior_attempts, taken_over) = match shared.ledger.claim(key, shared.visibility).await {
-        Err(err) => return decided(Called::without_call(shared.ledger_failed(&err))),
-        Ok(Claim::AlreadySent) => return decided(Called::without_call(policy::already_sent())),
-        Ok(Claim::Held { remaining }) => {
-            return decided(Called::without_call(policy::claimed_elsewhere(remaining)));
-        }
-        Ok(Claim::Granted {
-            owner,
-            prior_attempts,
-        }) => (owner, prior_attempts, false),
-        Ok(Claim::TakenOver {
-            owner,
-            prior_attempts,
-        }) => (owner, prior_attempts, true),
-    };
-    let _ = held.set((key.campaign.to_owned(), key.username.to_owned(), owner.clone()));
+    let (owner, prior_attempts, taken_over) =
+        match shared.ledger.claim(key, shared.visibility).await {
+            Err(err) => return decided(Called::without_call(shared.ledger_failed(&err))),
+            Ok(Claim::AlreadySent) => return decided(Called::without_call(policy::already_sent())),
+            Ok(Claim::Held { remaining }) => {
+                return decided(Called::without_call(policy::claimed_elsewhere(remaining)));
+            }
+            Ok(Claim::Granted {
+                owner,
+                prior_attempts,
+            }) => (owner, prior_attempts, false),
+            Ok(Claim::TakenOver {
+                owner,
+                prior_attempts,
+            }) => (owner, prior_attempts, true),
+        };
+    let _ = held.set((
+        key.campaign.to_owned(),
+        key.username.to_owned(),
+        owner.clone(),
+    ));
     let called = if taken_over {
         after_uncertain_claim(shared, &job, user.as_deref()).await
     } else {
@@ -204,18 +218,31 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
 /// mid-call, and that call's fate is unknown. With
 /// `admin_reset_user_password` the user's status can tell; otherwise
 /// `ledger.on_uncertain` decides. `None`: call again.
-async fn after_uncertain_claim(shared: &Shared, job: &ResetJob, user: Option<&str>) -> Option<Called> {
+async fn after_uncertain_claim(
+    shared: &Shared,
+    job: &ResetJob,
+    user: Option<&str>,
+) -> Option<Called> {
     if shared.cognito.reset_already_done(job).await == Some(true) {
-        tracing::info!(user, "earlier claim expired mid-call; the user is already RESET_REQUIRED, so not called again");
+        tracing::info!(
+            user,
+            "earlier claim expired mid-call; the user is already RESET_REQUIRED, so not called again"
+        );
         return Some(Called::without_call(policy::already_reset()));
     }
     match shared.on_uncertain {
         OnUncertain::Skip => {
-            tracing::warn!(user, "earlier claim expired mid-call; not called again (ledger.on_uncertain = skip)");
+            tracing::warn!(
+                user,
+                "earlier claim expired mid-call; not called again (ledger.on_uncertain = skip)"
+            );
             Some(Called::without_call(policy::uncertain_skipped()))
         }
         OnUncertain::Resend => {
-            tracing::warn!(user, "earlier claim expired mid-call; calling again (ledger.on_uncertain = resend)");
+            tracing::warn!(
+                user,
+                "earlier claim expired mid-call; calling again (ledger.on_uncertain = resend)"
+            );
             None
         }
     }
@@ -244,7 +271,8 @@ async fn record(shared: &Shared, key: Key<'_>, owner: &Owner, done: Final<'_>, m
                 let delay = backoff.next_delay();
                 tracing::warn!(message_id, error = %err, retry_in_ms = delay.as_millis() as u64, "final ledger write failed; retrying");
                 if shared.stop.is_cancelled() {
-                    let until = *deadline.get_or_insert_with(|| Instant::now() + shared.grace * 3 / 4);
+                    let until =
+                        *deadline.get_or_insert_with(|| Instant::now() + shared.grace * 3 / 4);
                     if Instant::now() + delay > until {
                         tracing::error!(message_id, state = %done.state, "final ledger write still failing at the end of the grace period; the user stays in_progress and counts as uncertain");
                         return;

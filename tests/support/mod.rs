@@ -660,6 +660,11 @@ pub fn spawn_worker(env: &[(String, String)], extra_args: &[&str]) -> Worker {
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RESET_WORKER_METRICS__LISTEN", &metrics_addr)
         .env("RESET_WORKER_SQS__WAIT_TIME_SECONDS", "1")
+        // A fresh ledger per worker unless the test shares one.
+        .env(
+            "RESET_WORKER_LEDGER__PATH",
+            log_dir.path().join("ledger.sqlite3"),
+        )
         .env("RUST_LOG", "info");
     for (key, value) in env {
         cmd.env(key, value);
