@@ -8,13 +8,17 @@ yamllint, hadolint).
                            for check-jsonschema
   static   RENDER_DIR      consistency between the objects, the worker's config,
                            the Dockerfile, the alerts and the dashboard; the PromQL
-                           parses (promql-parser). Without renders, only the parts
-                           that need none.
+                           parses (promql-parser); the ledger's table
+                           (deploy/cloudformation, deploy/terraform) is the one the
+                           worker expects and deploy/iam names; the KEDA overlay's
+                           rate cap divided by its replicas. Without renders, only
+                           the parts that need none.
   config   RENDER_DIR BIN  `BIN config` accepts the ConfigMap as mounted, with
                            the pod's environment, and prints no secret
   live     RENDER_DIR BIN  runs the base Deployment's command line against a
                            local stack (moto; RESET_WORKER_* from
-                           scripts/local_stack.py in the environment), checks the
+                           scripts/local_stack.py in the environment; the ledger's
+                           table made in moto with `BIN ledger init`), checks the
                            probes and SIGTERM, and that every metric the alerts
                            and the dashboard use is in /metrics
 
@@ -48,6 +52,20 @@ CONFIG_TEMPLATE = REPO / "config" / "reset-worker.toml"
 PLACEHOLDER_KEYS = {"sqs.queue_url", "sqs.dead_letter_queue_url", "cognito.client_id"}
 RULES = DEPLOY / "monitoring" / "prometheusrule.yaml"
 DASHBOARD = DEPLOY / "monitoring" / "grafana-dashboard.json"
+CFN_LEDGER = DEPLOY / "cloudformation" / "ledger-table.yaml"
+TF_LEDGER = DEPLOY / "terraform" / "ledger-table.tf"
+# deploy/iam file -> (Sid, the DynamoDB actions it must allow on the ledger's table).
+LEDGER_IAM = {
+    "policy.json": ("CampaignLedger", {"dynamodb:UpdateItem", "dynamodb:BatchGetItem", "dynamodb:Query",
+                                       "dynamodb:DescribeTable"}),
+    "policy-ledger-init.json": ("CampaignLedgerInit", {"dynamodb:CreateTable", "dynamodb:DescribeTable",
+                                                       "dynamodb:DescribeTimeToLive", "dynamodb:UpdateTimeToLive"}),
+}
+# The table `reset-worker ledger init` makes and the worker checks (src/ledger/dynamodb.rs).
+LEDGER_KEY = [("campaign", "HASH"), ("username", "RANGE")]
+LEDGER_TTL_ATTRIBUTE = "expires_at"
+# Keys the KEDA overlay's copy of the config divides by maxReplicaCount.
+KEDA_DIVIDED_KEYS = {"limits.max_rps", "limits.burst"}
 
 NAME = "reset-worker"
 BUILTIN_API_VERSIONS = {"v1", "apps/v1", "batch/v1"}
@@ -268,6 +286,12 @@ def check_base(c: Checks, docs: list[dict]) -> dict | None:
         c.check(get(d, "metadata", "namespace") == NAME, f"base: {d['kind']} in namespace {NAME}")
     c.check(worker_toml(docs), "base: a ConfigMap holds the worker's .toml")
     c.check(find(docs, "ServiceAccount", NAME), f"base: a ServiceAccount named {NAME} (deploy/iam/trust-irsa.json trusts it)")
+    toml = worker_toml(docs)
+    if toml:
+        backend = get(toml[1], "ledger", "backend", default="sqlite")
+        c.check(backend == "dynamodb",
+                f"base: ledger.backend {backend!r}, not 'dynamodb': the pod's root filesystem is read-only, its disk "
+                "dies with it, and the Job's re-runs and KEDA's replicas must share one ledger")
     dep = check_workload(c, "base", docs, "Deployment")
     if dep:
         c.check(dep["spec"].get("replicas") == 1, "base: Deployment replicas 1 (limits.max_rps is per process)")
@@ -300,8 +324,43 @@ def check_job(c: Checks, docs: list[dict], base_dep: dict | None) -> None:
                 "overlays/job: the Job's pod labels equal the Deployment's (PodMonitor, Service)")
 
 
-def check_keda(c: Checks, docs: list[dict]) -> None:
+def limits_of(cfg: dict) -> tuple[int, int]:
+    """(limits.max_rps, limits.burst), with the worker's defaults."""
+    return get(cfg, "limits", "max_rps", default=10), get(cfg, "limits", "burst", default=2)
+
+
+def check_keda_rate(c: Checks, where: str, docs: list[dict], base_docs: list[dict]) -> None:
+    """limits.max_rps is per process: the overlay's cap times maxReplicaCount
+    stays within the base's (one replica's) budget, and more than one replica
+    shares the ledger."""
+    toml, base_toml = worker_toml(docs), worker_toml(base_docs)
+    if not (toml and base_toml):
+        return
+    cfg, base_cfg = toml[1], base_toml[1]
+    for so in find(docs, "ScaledObject"):
+        n = get(so, "spec", "maxReplicaCount", default=100)  # KEDA's default
+        rps, burst = limits_of(cfg)
+        base_rps, base_burst = limits_of(base_cfg)
+        c.check(isinstance(n, int) and rps * n <= base_rps,
+                f"{where}: limits.max_rps {rps} x maxReplicaCount {n} = {rps * n if isinstance(n, int) else '?'}/s exceeds "
+                f"the base's {base_rps}/s: max_rps is per process, divide it by maxReplicaCount")
+        c.check(isinstance(n, int) and (rps + burst) * n <= base_rps + base_burst,
+                f"{where}: (limits.max_rps {rps} + limits.burst {burst}) x maxReplicaCount {n} exceeds the base's "
+                f"{base_rps + base_burst} calls in one second: divide limits.burst too")
+        backend = get(cfg, "ledger", "backend", default="sqlite")
+        c.check(n == 1 or backend == "dynamodb",
+                f"{where}: maxReplicaCount {n} with ledger.backend {backend!r}: only a shared (dynamodb) ledger "
+                "keeps replicas from emailing a user twice")
+    flat, base_flat = flatten(cfg), flatten(base_cfg)
+    drift = sorted(k for k in (set(flat) | set(base_flat)) - KEDA_DIVIDED_KEYS
+                   if flat.get(k, "(unset)") != base_flat.get(k, "(unset)"))
+    c.check(not drift, f"{where}: reset-worker.toml differs from base/reset-worker.toml in {drift} "
+            f"(only {sorted(KEDA_DIVIDED_KEYS)} may)")
+
+
+def check_keda(c: Checks, docs: list[dict], base_docs: list[dict]) -> None:
     where = "overlays/keda"
+    check_keda_rate(c, where, docs, base_docs)
     dep = check_workload(c, where, docs, "Deployment")
     if not dep:
         return
@@ -424,6 +483,127 @@ def check_dockerfile(c: Checks) -> None:
         c.check(keep not in ignore, f".dockerignore: keeps {keep}")
 
 
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short tags: !Ref X -> {"Ref": X}, !GetAtt A.B -> {"Fn::GetAtt": [A, B]}, ..."""
+
+
+def _cfn_tag(loader: CfnLoader, suffix: str, node: yaml.Node) -> dict:
+    if isinstance(node, yaml.ScalarNode):
+        value: object = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+CfnLoader.add_multi_constructor("!", _cfn_tag)
+
+
+def hcl_block(text: str, header: str) -> str | None:
+    """The body of the first `header {` block (nested blocks included), or None."""
+    m = re.search(rf"^\s*{header}\s*\{{", text, re.M)
+    if not m:
+        return None
+    depth, i = 1, m.end()
+    while depth and i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[m.end():i - 1]
+
+
+def hcl_attr(body: str | None, name: str) -> str | None:
+    """A top-level-looking `name = value` in a block body, quotes stripped."""
+    m = re.search(rf"^\s*{name}\s*=\s*(\S+)", body or "", re.M)
+    return m.group(1).strip('"') if m else None
+
+
+def check_ledger_table(c: Checks) -> str | None:
+    """deploy/cloudformation/ledger-table.yaml and deploy/terraform/ledger-table.tf
+    make the table the worker expects; returns the CloudFormation default name."""
+    where = CFN_LEDGER.relative_to(REPO)
+    try:
+        cfn = yaml.load(CFN_LEDGER.read_text(), Loader=CfnLoader)
+    except (OSError, yaml.YAMLError) as err:
+        c.check(False, f"{where}: {err}")
+        cfn = {}
+    tables = [(name, r) for name, r in (get(cfn, "Resources") or {}).items() if r.get("Type") == "AWS::DynamoDB::Table"]
+    default_name = get(cfn, "Parameters", "TableName", "Default")
+    if c.check(len(tables) == 1, f"{where}: exactly one AWS::DynamoDB::Table, got {len(tables)}"):
+        name, table = tables[0]
+        props = table.get("Properties") or {}
+        c.check(table.get("DeletionPolicy") == "Retain" and table.get("UpdateReplacePolicy") == "Retain",
+                f"{where}: {name}: DeletionPolicy and UpdateReplacePolicy Retain (the ledger is the audit record)")
+        c.check(props.get("TableName") == {"Ref": "TableName"}, f"{where}: {name}: TableName !Ref TableName")
+        c.check(props.get("BillingMode") == "PAY_PER_REQUEST", f"{where}: {name}: BillingMode PAY_PER_REQUEST")
+        keys = [(k.get("AttributeName"), k.get("KeyType")) for k in props.get("KeySchema") or []]
+        c.check(keys == LEDGER_KEY, f"{where}: {name}: KeySchema {keys}, expected {LEDGER_KEY}")
+        attrs = {a.get("AttributeName"): a.get("AttributeType") for a in props.get("AttributeDefinitions") or []}
+        c.check(attrs == {k: "S" for k, _ in LEDGER_KEY}, f"{where}: {name}: AttributeDefinitions {attrs}: the key's, both S")
+        c.check(get(props, "TimeToLiveSpecification") == {"Enabled": True, "AttributeName": LEDGER_TTL_ATTRIBUTE},
+                f"{where}: {name}: TimeToLiveSpecification enabled on {LEDGER_TTL_ATTRIBUTE}")
+        c.check(get(props, "PointInTimeRecoverySpecification", "PointInTimeRecoveryEnabled") is True,
+                f"{where}: {name}: point-in-time recovery enabled")
+        c.check(get(props, "SSESpecification", "SSEEnabled") is True, f"{where}: {name}: SSESpecification SSEEnabled")
+        outputs = get(cfn, "Outputs") or {}
+        c.check(get(outputs, "TableName", "Value") == {"Ref": name}, f"{where}: output TableName !Ref {name}")
+        c.check(get(outputs, "TableArn", "Value") == {"Fn::GetAtt": [name, "Arn"]}, f"{where}: output TableArn !GetAtt {name}.Arn")
+
+    where = TF_LEDGER.relative_to(REPO)
+    tf = TF_LEDGER.read_text() if TF_LEDGER.is_file() else ""
+    table = hcl_block(tf, r'resource\s+"aws_dynamodb_table"\s+"\w+"')
+    if c.check(table, f"{where}: a resource aws_dynamodb_table"):
+        c.check(hcl_attr(hcl_block(tf, r'variable\s+"table_name"'), "default") == default_name,
+                f"{where}: variable table_name's default = the CloudFormation template's {default_name!r}")
+        c.check(hcl_attr(table, "name") == "var.table_name", f"{where}: name = var.table_name")
+        c.check(hcl_attr(table, "billing_mode") == "PAY_PER_REQUEST", f"{where}: billing_mode PAY_PER_REQUEST")
+        keys = [(hcl_attr(table, "hash_key"), "HASH"), (hcl_attr(table, "range_key"), "RANGE")]
+        c.check(keys == LEDGER_KEY, f"{where}: hash_key/range_key {keys}, expected {LEDGER_KEY}")
+        attrs = dict(re.findall(r'attribute\s*\{\s*name\s*=\s*"(\w+)"\s*type\s*=\s*"(\w)"\s*\}', table))
+        c.check(attrs == {k: "S" for k, _ in LEDGER_KEY}, f"{where}: attribute blocks {attrs}: the key's, both S")
+        ttl = hcl_block(table, "ttl")
+        c.check(hcl_attr(ttl, "enabled") == "true" and hcl_attr(ttl, "attribute_name") == LEDGER_TTL_ATTRIBUTE,
+                f"{where}: ttl enabled on {LEDGER_TTL_ATTRIBUTE}")
+        c.check(hcl_attr(hcl_block(table, "point_in_time_recovery"), "enabled") == "true",
+                f"{where}: point_in_time_recovery enabled")
+        c.check(hcl_attr(hcl_block(table, "server_side_encryption"), "enabled") == "true",
+                f"{where}: server_side_encryption enabled")
+        c.check(hcl_attr(hcl_block(table, "lifecycle"), "prevent_destroy") == "true",
+                f"{where}: lifecycle prevent_destroy (like CloudFormation's Retain)")
+    return default_name if isinstance(default_name, str) else None
+
+
+def check_ledger_iam(c: Checks, table_name: str | None) -> None:
+    """The IAM policies allow the ledger's actions on that one table (the
+    schemas in deploy/schemas/iam check each file's shape)."""
+    arns = {}
+    for file, (sid, actions) in LEDGER_IAM.items():
+        where = f"deploy/iam/{file}"
+        stmts = [st for st in json.loads((DEPLOY / "iam" / file).read_text()).get("Statement") or [] if st.get("Sid") == sid]
+        if not c.check(len(stmts) == 1, f"{where}: one statement {sid}"):
+            continue
+        got = stmts[0].get("Action")
+        got = {got} if isinstance(got, str) else set(got or [])
+        c.check(got == actions, f"{where}: {sid} allows {sorted(got)}, expected {sorted(actions)}")
+        arns[file] = stmts[0].get("Resource")
+        if table_name:
+            c.check(str(arns[file]).endswith(f":table/{table_name}"),
+                    f"{where}: {sid} Resource {arns[file]} is not the table {table_name!r} of {CFN_LEDGER.relative_to(REPO)}")
+    c.check(len(set(arns.values())) <= 1, f"deploy/iam: the ledger statements name different tables: {arns}")
+
+
+def check_ledger_config(c: Checks, where: str, docs: list[dict], table_name: str | None) -> None:
+    toml = worker_toml(docs)
+    if toml and table_name and get(toml[1], "ledger", "backend") == "dynamodb":
+        table = get(toml[1], "ledger", "table", default="reset-worker-ledger")
+        c.check(table == table_name, f"{where}: ledger.table {table!r} = the table of {CFN_LEDGER.relative_to(REPO)} "
+                f"and deploy/iam ({table_name!r})")
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():
@@ -453,12 +633,18 @@ def cmd_static(render_dir: Path) -> int:
         base_dep = check_base(c, renders["base"])
         note_template_drift(renders["base"])
         check_job(c, renders["job"], base_dep)
-        check_keda(c, renders["keda"])
+        check_keda(c, renders["keda"], renders["base"])
         check_monitoring(c, renders["monitoring"])
     else:
+        renders = {}
         print(f"static: no renders in {render_dir}: checking only what needs none", file=sys.stderr)
     check_promql(c)
     check_dockerfile(c)
+    table_name = check_ledger_table(c)
+    check_ledger_iam(c, table_name)
+    for render in ("base", "job", "keda"):
+        if render in renders:
+            check_ledger_config(c, render, renders[render], table_name)
     return c.finish("static")
 
 
@@ -499,7 +685,7 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 def cmd_config(render_dir: Path, binary: Path) -> int:
     c = Checks()
-    for render, kind in (("base", "Deployment"), ("job", "Job")):
+    for render, kind in (("base", "Deployment"), ("job", "Job"), ("keda", "Deployment")):
         docs = load_render(render_dir, render)
         with tempfile.TemporaryDirectory(prefix="check-deploy-") as tmp:
             args, env = materialize(docs, kind, Path(tmp), DUMMY_SECRET)
@@ -545,6 +731,20 @@ def cmd_live(render_dir: Path, binary: Path) -> int:
         env.update({k: v for k, v in os.environ.items()
                     if k.startswith("RESET_WORKER_") and k != "RESET_WORKER_COGNITO__CLIENT_SECRET"})
         env["AWS_REGION"] = os.environ.get("AWS_REGION", "us-east-1")
+        toml = worker_toml(docs)
+        if toml and get(toml[1], "ledger", "backend") == "dynamodb":
+            # The ledger's table, in the same moto as the queue (never real AWS).
+            endpoint = os.environ.get("MOTO_URL") or os.environ.get("AWS_ENDPOINT_URL_SQS")
+            if not c.check(endpoint, "ledger.backend dynamodb: no MOTO_URL or AWS_ENDPOINT_URL_SQS to point DynamoDB at"):
+                return c.finish("live")
+            env["AWS_ENDPOINT_URL_DYNAMODB"] = endpoint
+            cfg = args[args.index("--config") + 1]
+            init = subprocess.run([str(binary), "ledger", "init", "--config", cfg], env=clean_env(env),
+                                  capture_output=True, text=True, timeout=60)
+            if not c.check(init.returncode == 0, f"reset-worker ledger init exited {init.returncode}: "
+                           f"{(init.stdout + init.stderr).strip()[-500:]}"):
+                return c.finish("live")
+            print(f"live: ledger init: {init.stdout.strip()}", file=sys.stderr)
         with log.open("w") as out:
             proc = subprocess.Popen([str(binary), *args], env=clean_env(env), stdout=out, stderr=subprocess.STDOUT)
         metrics = ""

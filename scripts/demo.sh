@@ -3,7 +3,9 @@
 # creates a user pool, an app client with a secret, users and queues; then, with
 # the worker's own subcommands, runs `preflight`, loads config/sample-campaign.jsonl
 # with `enqueue`, drains it with `run --until-empty`, shows the metrics, `status`
-# and the ForgotPassword calls moto received, and exits with the worker's exit code.
+# and the ForgotPassword calls moto received, then what a re-run would enqueue
+# (nobody: the SQLite ledger has every user as sent) and the campaign's
+# `report`, and exits with the worker's exit code.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -47,6 +49,8 @@ export RESET_WORKER_COGNITO__USER_POOL_ID="$LOCAL_USER_POOL_ID"
 METRICS_ADDR="127.0.0.1:$(free_port)"
 export_local_aws_env "$MOTO_URL" "$METRICS_ADDR"
 export RUST_LOG="${RUST_LOG:-info}"
+# The campaign ledger: the default backend (SQLite), in the demo's own dir.
+export RESET_WORKER_LEDGER__PATH="$DEMO_DIR/ledger.sqlite3"
 
 log "reset-worker enqueue --campaign demo-2026-11 $CAMPAIGN"
 "$WORKER_BIN" enqueue --config "$CONFIG" --campaign demo-2026-11 \
@@ -104,8 +108,14 @@ WORKER_PID=""
 
 echo "== worker log =="
 cat "$WORKER_LOG"
-echo "== reset-worker status =="
-"$WORKER_BIN" status --config "$CONFIG"
+echo "== reset-worker status --campaign demo-2026-11 =="
+"$WORKER_BIN" status --config "$CONFIG" --campaign demo-2026-11
+echo "== a re-run: reset-worker enqueue --dry-run (the ledger skips users already sent) =="
+"$WORKER_BIN" enqueue --config "$CONFIG" --campaign demo-2026-11 --dry-run \
+  --rejects "$DEMO_DIR/rejects-rerun.csv" "$CAMPAIGN"
+echo "== reset-worker report --campaign demo-2026-11 =="
+"$WORKER_BIN" report --config "$CONFIG" --campaign demo-2026-11 --output "$DEMO_DIR/report.csv"
+cat "$DEMO_DIR/report.csv"
 echo "== summary =="
 echo "jobs in campaign:               $JOBS"
 echo "jobs accounted in metrics:      $accounted"

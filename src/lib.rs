@@ -12,7 +12,10 @@
 //! - [`worker`]: the worker; `worker::listener` is the receive loop, `worker::task` runs one
 //!   message (decide → call → apply);
 //!   [`worker::policy`] is the one place that decides what a result means and what happens next;
-//!   [`worker::outcome`] logs and counts it; [`worker::dedup`]; [`worker::reload`] (live config).
+//!   [`worker::outcome`] logs and counts it; [`worker::reload`] (live config).
+//! - [`ledger`]: the campaign ledger, one entry per (campaign, username), claimed before a call
+//!   and finished after it; backends [`ledger::sqlite`] (default), [`ledger::dynamodb`],
+//!   [`ledger::memory`] behind one trait.
 //! - [`aws`]: the services behind small facades: [`aws::sqs`] (the queue), [`aws::deleter`]
 //!   (batched deletes), [`aws::resend`] (dead-letter copies, FIFO deferrals), [`aws::cognito`]
 //!   (the reset call, `SecretHash`, error codes; SDK retries off).
@@ -21,7 +24,7 @@
 //! - [`job`]: parses a message body into a [`job::ResetJob`]; the keyed user hash for logs.
 //! - [`crypto`]: the one keyed hash (HMAC-SHA256).
 //! - [`cli`]: the command line; the operator commands [`cli::enqueue`] (with [`cli::input`]
-//!   for campaign files), [`cli::status`], [`cli::preflight`].
+//!   for campaign files), [`cli::status`], [`cli::report`] (and `ledger init`), [`cli::preflight`].
 //! - [`health`]: the `/metrics`, `/healthz`, `/readyz` listener; [`shutdown`]: signals to a token.
 //! - [`config`]: typed settings from TOML and `RESET_WORKER_*` env vars, validated at start-up.
 //! - [`telemetry`]: tracing set-up and every metric's name.

@@ -141,23 +141,43 @@ fn describe() {
     }
 }
 
-/// JSON lines on stdout, or human-readable text when stdout is a terminal
+/// Where log lines go: the worker logs to stdout (a container's log
+/// stream); operator commands log to stderr, so what they print on stdout
+/// (a report, a config listing) is never mixed with log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Stdout,
+    Stderr,
+}
+
+/// JSON lines, or human-readable text when the stream is a terminal
 /// (override with `RESET_WORKER_LOG_FORMAT=json|text`). `RUST_LOG` filters.
-pub fn init_tracing() {
+pub fn init_tracing(to: LogTo) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = match to {
+        LogTo::Stdout => std::io::stdout().is_terminal(),
+        LogTo::Stderr => std::io::stderr().is_terminal(),
+    };
     let json = match std::env::var("RESET_WORKER_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
-        _ => !std::io::stdout().is_terminal(),
+        _ => !terminal,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A second init (tests) is harmless; keep the first subscriber.
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+    let _ = match (to, json) {
+        (LogTo::Stdout, true) => builder
+            .with_writer(std::io::stdout)
+            .json()
+            .flatten_event(true)
+            .try_init(),
+        (LogTo::Stdout, false) => builder.with_writer(std::io::stdout).try_init(),
+        (LogTo::Stderr, true) => builder
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .try_init(),
+        (LogTo::Stderr, false) => builder.with_writer(std::io::stderr).try_init(),
     };
 }
 

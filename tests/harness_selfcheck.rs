@@ -64,7 +64,11 @@ async fn standard_stack_queue_helpers_and_forgot_password_recording() {
     send_jobs(&stack, &bodies).await;
     assert_eq!(queue_counts(&stack.sqs, &stack.queue_url).await, (12, 0));
     let env = stack_env(&stack);
-    assert_eq!(env.len(), 4);
+    assert_eq!(env.len(), 5);
+    assert!(env.contains(&(
+        "RESET_WORKER_LEDGER__PATH".into(),
+        stack.ledger_path.clone()
+    )));
     assert!(env.contains(&(
         "RESET_WORKER_COGNITO__CLIENT_SECRET".into(),
         stack.client_secret.clone()

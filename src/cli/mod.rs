@@ -139,7 +139,10 @@ impl Command {
 impl Cli {
     /// Runs the parsed command to its exit code.
     pub fn run(self) -> ExitCode {
-        telemetry::init_tracing();
+        telemetry::init_tracing(match self.command {
+            Command::Run { .. } => telemetry::LogTo::Stdout,
+            _ => telemetry::LogTo::Stderr,
+        });
         let config_path = self.command.config_path().map(Path::to_path_buf);
         let settings = match Settings::load(config_path.as_deref()) {
             Ok(s) => s,

@@ -111,7 +111,7 @@ fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> LedgerError {
     let message = err
         .message()
         .map(str::to_owned)
-        .unwrap_or_else(|| format!("{}", aws_smithy_error_kind(err)));
+        .unwrap_or_else(|| aws_smithy_error_kind(err).to_owned());
     match err {
         SdkError::ConstructionFailure(_) => LedgerError::Fatal {
             code: "construction".into(),

@@ -1,0 +1,257 @@
+//! Benchmark of the campaign ledger (not a test): the release worker against
+//! the fast fake of SQS and Cognito, with each ledger backend: `memory`,
+//! `sqlite` (a file in the temp dir) and `dynamodb` (moto server; started
+//! here unless `TEST_MOTO_URL` names one).
+//!
+//!   cargo test --release --test bench_ledger -- --ignored --nocapture --test-threads 1
+//!
+//! (`scripts/bench.sh` runs it after `bench_rate`.) For each backend: the
+//! goodput at a 30/s cap, raw throughput (64 × 50 ms calls, no cap), ledger
+//! requests per job and the p99 claim latency, from the worker's own
+//! metrics scraped until it exits. Prints a markdown report (also written to
+//! `$BENCH_LEDGER_REPORT` when set). `BENCH_STRICT=1` fails on a missed goal.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+use support::fake_aws::{FakeAws, FakeConfig, WorkerRun, run_worker};
+use support::{free_port, http_get, http_post, moto_url, random_suffix};
+
+struct Run {
+    backend: &'static str,
+    scenario: &'static str,
+    jobs: usize,
+    max_rps: u32,
+    run: WorkerRun,
+    accepted: Vec<std::time::Instant>,
+    distinct: usize,
+    /// The worker's last `/metrics` before it exited.
+    metrics: String,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        match (self.accepted.first(), self.accepted.last()) {
+            (Some(a), Some(b)) if b > a => {
+                (self.accepted.len() - 1) as f64 / b.duration_since(*a).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn scrape(&self) -> Scrape {
+        Scrape::parse(self.metrics.lines().map(|l| Ok(l.to_owned())))
+            .expect("the worker's /metrics parses")
+    }
+
+    fn ledger_requests(&self) -> f64 {
+        self.scrape()
+            .samples
+            .iter()
+            .filter(|s| s.metric == "reset_worker_ledger_requests_total")
+            .map(|s| match s.value {
+                Value::Counter(v) | Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    /// The upper bound of the histogram bucket holding the 99th percentile
+    /// of claim latency, in ms.
+    fn claim_p99_ms(&self) -> Option<f64> {
+        let scrape = self.scrape();
+        let sample = scrape.samples.iter().find(|s| {
+            s.metric == "reset_worker_ledger_request_duration_seconds"
+                && s.labels.get("operation") == Some("claim")
+        })?;
+        let Value::Histogram(buckets) = &sample.value else {
+            return None;
+        };
+        let total = buckets.last()?.count;
+        buckets
+            .iter()
+            .find(|b| b.count >= 0.99 * total)
+            .map(|b| b.less_than * 1000.0)
+    }
+
+    fn complete(&self) -> bool {
+        self.run.exit_code == Some(0)
+            && self.distinct == self.jobs
+            && self.accepted.len() == self.jobs
+    }
+}
+
+fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) -> Run {
+    let (jobs, latency, max_rps, burst, concurrency) = match scenario {
+        "cap30" => (300, 20, 30, 2, 16),
+        _ => (2000, 50, 10_000, 1000, 64),
+    };
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::from_millis(latency),
+        ..FakeConfig::default()
+    });
+    fake.enqueue((0..jobs).map(|i| {
+        serde_json::json!({"username": format!("user{i:05}@example.com"), "campaign_id": "bench"})
+            .to_string()
+    }));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let table = format!("bench-{}", random_suffix());
+    let (rps, burst, conc) = (
+        max_rps.to_string(),
+        burst.to_string(),
+        concurrency.to_string(),
+    );
+    let mut env: Vec<(&str, &str)> = vec![
+        ("RESET_WORKER_LIMITS__MAX_RPS", &rps),
+        ("RESET_WORKER_LIMITS__BURST", &burst),
+        ("RESET_WORKER_LIMITS__CONCURRENCY", &conc),
+        ("RESET_WORKER_METRICS__LISTEN", &listen),
+        ("RESET_WORKER_LEDGER__BACKEND", backend),
+    ];
+    if let Some(moto) = moto {
+        env.push(("AWS_ENDPOINT_URL_DYNAMODB", moto));
+        env.push(("RESET_WORKER_LEDGER__TABLE", &table));
+        let init = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
+            .args(["ledger", "init"])
+            .env("RESET_WORKER_SQS__QUEUE_URL", fake.queue_url())
+            .env("RESET_WORKER_COGNITO__CLIENT_ID", "bench")
+            .env("RESET_WORKER_LEDGER__BACKEND", "dynamodb")
+            .env("RESET_WORKER_LEDGER__TABLE", &table)
+            .env("AWS_ENDPOINT_URL_DYNAMODB", moto)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("ledger init");
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    // The last scrape before the worker exits: it drains, then polls an
+    // empty queue twice (2 s), so that scrape holds every job's requests.
+    let last = Arc::new(Mutex::new(String::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = std::thread::spawn({
+        let (last, done, listen) = (last.clone(), done.clone(), listen.clone());
+        move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = http_get(&listen, "/metrics");
+                if status == 200 {
+                    *last.lock().unwrap() = body;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    });
+    let run = run_worker(
+        &fake,
+        &env,
+        &["--until-empty"],
+        Duration::from_secs(jobs as u64 / u64::from(max_rps).min(200) + 60),
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = scraper.join();
+    let accepted = fake.accepted_call_times();
+    let distinct = fake
+        .accepted_usernames()
+        .into_iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let metrics = last.lock().unwrap().clone();
+    Run {
+        backend,
+        scenario,
+        jobs,
+        max_rps,
+        run,
+        accepted,
+        distinct,
+        metrics,
+    }
+}
+
+#[test]
+#[ignore = "benchmark (about 2 min, release build): run scripts/bench.sh"]
+fn bench_ledger() {
+    let strict = std::env::var("BENCH_STRICT").is_ok_and(|v| v == "1");
+    let moto = moto_url();
+    // The recorder would keep every DynamoDB request in moto's memory.
+    let _ = http_post(&moto, "/moto-api/recorder/stop-recording");
+    let mut runs = Vec::new();
+    for scenario in ["cap30", "raw"] {
+        for backend in ["memory", "sqlite", "dynamodb"] {
+            eprintln!("bench: {scenario} with the {backend} ledger...");
+            let moto = (backend == "dynamodb").then_some(moto.as_str());
+            runs.push(measure(backend, scenario, moto));
+        }
+    }
+
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "## Ledger benchmark (release build; fake SQS + Cognito; DynamoDB = moto server)\n"
+    );
+    let _ = writeln!(
+        w,
+        "| run | ledger | jobs | rate/s (first→last) | rate / cap | ledger requests / job | claim p99 (bucket) | worker CPU s | CPU ms / job | peak RSS MiB | every job once, exit 0 |"
+    );
+    let _ = writeln!(w, "|{}", "---|".repeat(11));
+    let mut failed = Vec::new();
+    for r in &runs {
+        let ratio = (r.scenario == "cap30").then(|| r.rate() / f64::from(r.max_rps));
+        if let Some(ratio) = ratio
+            && ratio < 0.97
+        {
+            failed.push(format!(
+                "{} {}: rate / cap {ratio:.3} < 0.97",
+                r.scenario, r.backend
+            ));
+        }
+        if !r.complete() {
+            failed.push(format!(
+                "{} {}: not every job sent once",
+                r.scenario, r.backend
+            ));
+        }
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} | {} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} |",
+            if r.scenario == "cap30" {
+                "cap 30/s, 20 ms calls"
+            } else {
+                "raw: no cap, 64 × 50 ms"
+            },
+            r.backend,
+            r.jobs,
+            r.rate(),
+            ratio.map_or("–".into(), |x| format!("{x:.3}")),
+            r.ledger_requests() / r.jobs as f64,
+            r.claim_p99_ms()
+                .map_or("–".into(), |ms| format!("≤ {ms} ms")),
+            r.run.cpu.as_secs_f64(),
+            r.run.cpu.as_secs_f64() * 1000.0 / r.jobs as f64,
+            r.run.peak_rss_kib as f64 / 1024.0,
+            if r.complete() { "yes" } else { "**no**" }
+        );
+    }
+    println!("{out}");
+    if let Ok(path) = std::env::var("BENCH_LEDGER_REPORT")
+        && !path.is_empty()
+    {
+        std::fs::write(&path, &out).unwrap_or_else(|e| panic!("write {path}: {e}"));
+    }
+    if strict {
+        assert!(failed.is_empty(), "missed: {failed:?}");
+    } else if !failed.is_empty() {
+        eprintln!("bench: missed goals: {failed:?}");
+    }
+}
