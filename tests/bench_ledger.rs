@@ -31,6 +31,8 @@ struct Run {
     distinct: usize,
     /// The worker's last `/metrics` before it exited.
     metrics: String,
+    /// Every SQS request the fake served.
+    sqs_requests: u64,
 }
 
 impl Run {
@@ -166,6 +168,7 @@ fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) ->
         .collect::<std::collections::HashSet<_>>()
         .len();
     let metrics = last.lock().unwrap().clone();
+    let sqs_requests = fake.sqs_stats().total();
     Run {
         backend,
         scenario,
@@ -175,6 +178,7 @@ fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) ->
         accepted,
         distinct,
         metrics,
+        sqs_requests,
     }
 }
 
@@ -202,9 +206,9 @@ fn bench_ledger() {
     );
     let _ = writeln!(
         w,
-        "| run | ledger | jobs | rate/s (first→last) | rate / cap | ledger requests / job | claim p99 (bucket) | worker CPU s | CPU ms / job | peak RSS MiB | every job once, exit 0 |"
+        "| run | ledger | jobs | rate/s (first→last) | rate / cap | ledger requests / job | claim p99 (bucket) | SQS requests / job | worker CPU s | CPU ms / job | peak RSS MiB | every job once, exit 0 |"
     );
-    let _ = writeln!(w, "|{}", "---|".repeat(11));
+    let _ = writeln!(w, "|{}", "---|".repeat(12));
     let mut failed = Vec::new();
     for r in &runs {
         let ratio = (r.scenario == "cap30").then(|| r.rate() / f64::from(r.max_rps));
@@ -224,7 +228,7 @@ fn bench_ledger() {
         }
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {:.1} | {} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {:.2} | {} | {:.3} | {:.2} | {:.2} | {:.1} | {} |",
             if r.scenario == "cap30" {
                 "cap 30/s, 20 ms calls"
             } else {
@@ -237,6 +241,7 @@ fn bench_ledger() {
             r.ledger_requests() / r.jobs as f64,
             r.claim_p99_ms()
                 .map_or("–".into(), |ms| format!("≤ {ms} ms")),
+            r.sqs_requests as f64 / r.jobs as f64,
             r.run.cpu.as_secs_f64(),
             r.run.cpu.as_secs_f64() * 1000.0 / r.jobs as f64,
             r.run.peak_rss_kib as f64 / 1024.0,

@@ -14,7 +14,8 @@
 //! `BENCH_LOG_DIR=DIR` keeps each run's worker log as `DIR/<key>.log`.
 //!
 //! Each run: a fresh fake with N jobs queued, then `reset-worker run
-//! --until-empty` with 1 s long polls, killed if it outlives its time limit.
+//! --until-empty` with 1 s long polls and the memory ledger (the ledger's
+//! own cost is tests/bench_ledger.rs's), killed if it outlives its time limit.
 
 mod support;
 
@@ -265,6 +266,9 @@ fn measure(s: &Scenario) -> Measured {
             ("RESET_WORKER_LIMITS__MAX_RPS", &rps),
             ("RESET_WORKER_LIMITS__BURST", &burst),
             ("RESET_WORKER_LIMITS__CONCURRENCY", &conc),
+            // The rate machinery alone; tests/bench_ledger.rs measures what
+            // each ledger backend adds.
+            ("RESET_WORKER_LEDGER__BACKEND", "memory"),
         ],
         &["--until-empty"],
         s.timeout,

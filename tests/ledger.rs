@@ -557,3 +557,21 @@ async fn the_dynamodb_report_pages_through_the_campaign() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("campaign paged: 2500 users"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_halts_the_worker_at_start_up() {
+    let stack = Stack::new(false, &[]).await;
+    let mut env = stack_env(&stack);
+    env.push(("RESET_WORKER_LEDGER__BACKEND".into(), "dynamodb".into()));
+    env.push(("RESET_WORKER_LEDGER__TABLE".into(), unique_table()));
+    let mut worker = spawn_worker(&env, &["--until-empty"]);
+    // Exit 3, as for any misconfiguration: retrying the pod cannot fix it.
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(3));
+    assert!(
+        worker
+            .logs()
+            .contains("create it with `reset-worker ledger init`"),
+        "{}",
+        worker.logs()
+    );
+}

@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::App;
 use crate::aws::sqs::{self, Queue};
 use crate::config::Settings;
+use crate::ledger::LedgerError;
 use crate::telemetry;
 use crate::worker::{RunOptions, WorkerError};
 
@@ -183,10 +184,17 @@ impl Cli {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                let halted = matches!(
-                    err.downcast_ref::<WorkerError>(),
-                    Some(WorkerError::Fatal { .. })
-                );
+                // A misconfigured ledger (no table, access denied, a file
+                // that cannot be opened) is a halt too, whether found at
+                // start-up or mid-run: retrying the pod cannot fix it.
+                let halted = match err.downcast_ref::<WorkerError>() {
+                    Some(WorkerError::Fatal { .. }) => true,
+                    Some(WorkerError::Ledger(e)) => e.is_fatal(),
+                    _ => err.chain().any(|e| {
+                        e.downcast_ref::<LedgerError>()
+                            .is_some_and(LedgerError::is_fatal)
+                    }),
+                };
                 tracing::error!(
                     error = format!("{err:#}"),
                     "reset-worker stopped with an error"

@@ -141,7 +141,7 @@ fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> LedgerError {
 /// A short name for an SDK error without a service message.
 fn aws_smithy_error_kind<E, R>(err: &SdkError<E, R>) -> &'static str {
     match err {
-        SdkError::ConstructionFailure(_) => "request could not be built (credentials?)",
+        SdkError::ConstructionFailure(_) => "request could not be built",
         SdkError::TimeoutError(_) => "timed out",
         SdkError::DispatchFailure(_) => "could not connect",
         SdkError::ResponseError(_) => "unreadable response",
