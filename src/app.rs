@@ -74,6 +74,7 @@ impl App {
             telemetry::install_recorder().context("Failed to install the metrics recorder")?;
         let health = Arc::new(Health::default());
         let server_stop = CancellationToken::new();
+        tokio::spawn(telemetry::upkeep(metrics.clone(), server_stop.clone()));
         let (metrics_addr, server) = health::bind(
             settings.metrics.listen,
             health.clone(),
