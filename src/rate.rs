@@ -11,39 +11,46 @@
 //!   window holds at most `max_rps + burst` calls;
 //! - the **adaptive gate** at the effective rate, present only while the
 //!   worker is slowed down. Cognito's TooManyRequestsException cuts the
-//!   effective rate multiplicatively (AIMD); it climbs back additively, over
-//!   seconds, to `max_rps`. Rebuilding the gate can at most let one extra
-//!   call through, and the hard cap still bounds every window.
+//!   effective rate; it climbs back on a cubic curve (TCP CUBIC's shape,
+//!   [`Cubic`]): quickly to just under the rate of the last throttle, then
+//!   slowly above it. Rebuilding the gate can at most let one extra call
+//!   through, and the hard cap still bounds every window.
 //!
 //! `max_rps = 0` pauses the campaign: waiting calls give up (their messages
 //! are released) and nothing new starts until the cap is raised again.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter as Gcra};
 use tokio::sync::watch;
 
 use crate::config::LimitSettings;
 use crate::telemetry;
 
-/// Multiplicative decrease on throttling. Gentle, because cuts come once per
-/// round trip (see [`Aimd::throttled`]): a steep descent from far above the
-/// available rate still takes only a handful of round trips, and near it the
-/// sawtooth stays within 15 % of the available rate.
+/// The cut on throttling: the rate drops to this share of the rate at
+/// which Cognito throttled. Gentle, because cuts come once per round trip
+/// (see [`Cubic::throttled`]) and the climb returns to just under the old
+/// rate within [`RETURN_SECONDS`].
 const DECREASE_FACTOR: f64 = 0.85;
-/// A steeper cut when the previous one was less than
-/// [`STEEP_WITHIN`] ago: throttling that persists across round trips means
-/// the rate is still far above what is available, so descend faster.
+/// A steeper cut when the previous one was less than [`STEEP_WITHIN`] ago:
+/// throttling that persists across round trips means the rate is still far
+/// above what is available, so descend faster.
 const STEEP_DECREASE_FACTOR: f64 = 0.6;
 const STEEP_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
-/// Additive increase per second, as a share of `max_rps` (at least 0.5/s):
-/// back to full speed in about 10 s after a single decrease.
-const INCREASE_SHARE_PER_SECOND: f64 = 0.02;
+/// After a cut, the rate climbs back to the rate of the last throttle in this
+/// many seconds, fast at first and flattening out near it (TCP CUBIC's
+/// concave part); beyond it, it probes slowly and then faster (the convex
+/// part): +1 % one second after reaching it, +8 % after two, +15 % after
+/// 2.5. The shape is scaled to the rate of the last throttle, never to
+/// `max_rps`, so a cap far above the available rate does not make the
+/// climb overshoot.
+const RETURN_SECONDS: f64 = 2.5;
 /// The adaptive rate never goes below this many calls per second.
 const MIN_RATE: f64 = 1.0;
-
 /// The operator's limits, as configured (and live-reloaded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -64,35 +71,94 @@ impl From<&LimitSettings> for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Paused;
 
-/// Additive-increase/multiplicative-decrease state, kept apart from the
-/// limiters and clocked by its caller so it can be tested deterministically.
+/// The adaptive rate, shaped like TCP CUBIC (RFC 9438) with rates in place
+/// of windows. Kept apart from the limiters and clocked by its caller, so it
+/// can be tested deterministically.
+///
+/// Cognito's quota is shared with real users and other campaigns, so what is
+/// left for the campaign moves. The last throttle marks where it was
+/// (`w_max`): after a cut the rate returns to just under that mark quickly,
+/// lingers there, and only then probes above it, slowly at first. AIMD's
+/// fixed climb (2 % of `max_rps` per second) made a deep sawtooth under a
+/// low available rate and overshot it when `max_rps` was far above.
 #[derive(Debug, Clone)]
-pub struct Aimd {
+pub struct Cubic {
+    /// `limits.max_rps`, times this worker's share of a cluster budget.
     max: f64,
+    /// The rate now, `≤ max`.
     effective: f64,
-    last_update: Instant,
+    /// Where the last throttle came (after fast convergence): the curve
+    /// returns to it [`RETURN_SECONDS`] after the cut.
+    w_max: f64,
+    /// The rate right after the last cut: where the curve starts.
+    origin: f64,
+    /// When the last cut was made; `None` until the first throttle.
     last_decrease: Option<Instant>,
+    /// When the calls of the last [`MEASURE_WINDOW`] were answered without
+    /// throttling: what Cognito let through, the measure of what is
+    /// available. At most the window's worth of answers.
+    admitted: VecDeque<Instant>,
 }
 
-impl Aimd {
-    pub fn new(max_rps: u32, now: Instant) -> Self {
+/// The window over which admitted calls are counted.
+const MEASURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Cubic {
+    pub fn new(max: f64) -> Self {
         Self {
-            max: f64::from(max_rps),
-            effective: f64::from(max_rps),
-            last_update: now,
+            max,
+            effective: max,
+            w_max: max,
+            origin: max,
             last_decrease: None,
+            admitted: VecDeque::new(),
         }
     }
 
-    /// The effective rate at `now`, after additive recovery.
+    /// A call answered without throttling at `now`.
+    pub fn admitted(&mut self, now: Instant) {
+        self.admitted.push_back(now);
+        self.trim(now);
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self
+            .admitted
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= MEASURE_WINDOW)
+        {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// Calls Cognito let through in the last second: the rate it allows
+    /// now. `None` below [`MIN_RATE`] (nothing to go by).
+    fn admitted_rate(&mut self, now: Instant) -> Option<f64> {
+        self.trim(now);
+        let n = self.admitted.len() as f64 / MEASURE_WINDOW.as_secs_f64();
+        (n >= MIN_RATE).then_some(n)
+    }
+
+    /// The effective rate at `now`: on the cubic curve through the last cut,
+    /// `W(t) = C (t − K)³ + W_max` with `W(0)` the cut rate and `K` =
+    /// [`RETURN_SECONDS`], capped at `max_rps`.
     pub fn rate(&mut self, now: Instant) -> f64 {
-        let elapsed = now
-            .saturating_duration_since(self.last_update)
-            .as_secs_f64();
-        let step = (self.max * INCREASE_SHARE_PER_SECOND).max(0.5);
-        self.effective = (self.effective + step * elapsed).min(self.max);
-        self.last_update = now;
+        let Some(cut) = self.last_decrease else {
+            self.effective = self.max;
+            return self.effective;
+        };
+        let t = now.saturating_duration_since(cut).as_secs_f64();
+        // At least a gentle cut's depth, so a rate cut to the floor (mark
+        // and origin both there) still probes upward.
+        let depth = (self.w_max - self.origin).max(self.w_max * (1.0 - DECREASE_FACTOR));
+        let c = depth / RETURN_SECONDS.powi(3);
+        let curve = c * (t - RETURN_SECONDS).powi(3) + self.w_max;
+        self.effective = curve.max(self.origin).min(self.max).max(self.floor());
         self.effective
+    }
+
+    fn floor(&self) -> f64 {
+        MIN_RATE.min(self.max)
     }
 
     /// A throttled answer at `now` to a call that started at `call_started`.
@@ -105,29 +171,51 @@ impl Aimd {
             return false;
         }
         let current = self.rate(now);
-        let factor = match self.last_decrease {
-            Some(t) if now.saturating_duration_since(t) < STEEP_WITHIN => STEEP_DECREASE_FACTOR,
-            _ => DECREASE_FACTOR,
+        let steep = self
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t) < STEEP_WITHIN);
+        // The mark is what Cognito let through in the last second: the rate
+        // it allows now, however far above it this worker was sending. A
+        // cascade of cuts (the quota's bucket still empty) lowers the rate,
+        // not the mark, so the climb returns to the available rate quickly.
+        // Throttled before the curve got back to the mark: the mark was too
+        // high, never raise it then. The last second's admissions can include
+        // what the quota's bucket had stored (a burst), which the bucket
+        // cannot sustain; only a throttle while probing above the mark may
+        // raise it.
+        let before_mark = self
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t).as_secs_f64() < RETURN_SECONDS);
+        self.w_max = match self.admitted_rate(now) {
+            Some(measured) if before_mark => measured.min(self.w_max),
+            Some(measured) => measured,
+            // Nothing admitted to go by: the rate where it hurt, lowered a
+            // little if it hurt below the previous mark (fast convergence,
+            // RFC 9438 §4.7).
+            None if current < self.w_max => current * (1.0 + DECREASE_FACTOR) / 2.0,
+            None => current,
         };
-        self.effective = (current * factor).max(MIN_RATE.min(self.max));
+        let factor = if steep {
+            STEEP_DECREASE_FACTOR
+        } else {
+            DECREASE_FACTOR
+        };
+        self.origin = (current.min(self.w_max) * factor).max(self.floor());
+        self.effective = self.origin;
         self.last_decrease = Some(now);
         true
     }
 
-    /// A new configured maximum; the effective rate never exceeds it.
-    pub fn set_max(&mut self, max_rps: u32, now: Instant) {
+    /// A new maximum (the configured cap times this worker's share); the
+    /// effective rate never exceeds it.
+    pub fn set_max(&mut self, max: f64, now: Instant) {
+        self.max = max;
         self.rate(now);
-        self.max = f64::from(max_rps);
-        self.effective = self.effective.min(self.max);
-        if self.last_decrease.is_none() {
-            // Not slowed down: follow the new maximum straight away.
-            self.effective = self.max;
-        }
     }
 }
 
 struct Adaptive {
-    aimd: Aimd,
+    cubic: Cubic,
     /// The gate's whole-number rate; `None` while running at full speed.
     gate_rate: Option<u32>,
     gate: Option<Arc<DefaultDirectRateLimiter>>,
@@ -135,32 +223,76 @@ struct Adaptive {
     shown: f64,
 }
 
+/// What the limiter enforces: the operator's limits and this worker's share
+/// of them (1 with `limits.scope = "process"`; `1 / live workers` with
+/// `"cluster"`, 0 while a joining worker waits to be seen).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Budget {
+    limits: Limits,
+    share: f64,
+}
+
+impl Budget {
+    fn rate(&self) -> f64 {
+        f64::from(self.limits.max_rps) * self.share
+    }
+
+    /// The share of the burst, at least 1: the workers' bursts add up to at
+    /// most `limits.burst` (when it is at least the number of workers).
+    fn burst(&self) -> u32 {
+        ((f64::from(self.limits.burst) * self.share).floor() as u32).max(1)
+    }
+
+    fn paused(&self) -> bool {
+        self.rate() <= 0.0
+    }
+}
+
 /// The process-wide limiter. Shared by every job task through `Arc`.
 pub struct RateLimiter {
-    /// Current limits; job tasks and the receive loop watch it for pauses.
-    limits: watch::Sender<Limits>,
-    /// The hard cap. Replaced (never mutated) when the limits change; a task
+    /// The budget in force; job tasks and the receive loop watch it for
+    /// pauses.
+    budget: watch::Sender<Budget>,
+    /// The hard cap. Replaced (never mutated) when the budget changes; a task
     /// already waiting on the old one finishes its wait there.
     hard: RwLock<Option<Arc<DefaultDirectRateLimiter>>>,
-    /// AIMD state and its gate. A std mutex: held for microseconds, never
-    /// across an await.
+    /// The adaptive rate and its gate. A std mutex: held for microseconds,
+    /// never across an await.
     adaptive: Mutex<Adaptive>,
 }
 
-fn gcra(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
-    let rps = NonZeroU32::new(rps)?;
+/// A GCRA limiter at `rate` calls per second (fractional rates allowed: a
+/// cluster share of 30/s among 4 workers is 7.5/s) with `burst`.
+fn gcra(rate: f64, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    if rate.is_nan() || rate <= 0.0 {
+        return None;
+    }
     let burst = NonZeroU32::new(burst.max(1))?;
-    Some(Arc::new(Gcra::direct(
-        Quota::per_second(rps).allow_burst(burst),
-    )))
+    let quota = Quota::with_period(std::time::Duration::from_secs_f64(1.0 / rate))?;
+    Some(Arc::new(Gcra::direct(quota.allow_burst(burst))))
+}
+
+/// Waits until `limiter` grants one call, on tokio's timer. governor's own
+/// `until_ready` sleeps on futures-timer, whose helper thread wakes apart
+/// from the runtime's: a second timer thread and a cross-thread wake-up for
+/// every call at the cap.
+async fn until_ready(limiter: &DefaultDirectRateLimiter) {
+    loop {
+        match limiter.check() {
+            Ok(()) => return,
+            Err(not_until) => {
+                tokio::time::sleep(not_until.wait_time_from(limiter.clock().now())).await;
+            }
+        }
+    }
 }
 
 /// A limiter for a live change: it starts with its burst spent. A fresh
 /// GCRA holds a full burst, and calls granted by the limiter it replaces
 /// are still in the current one-second window, so a full burst on top could
 /// take that window past the cap.
-fn gcra_spent(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
-    let limiter = gcra(rps, burst)?;
+fn gcra_spent(rate: f64, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let limiter = gcra(rate, burst)?;
     if let Some(n) = NonZeroU32::new(burst.max(1)) {
         // Cannot fail: `n` is the burst the limiter was built with.
         let _ = limiter.check_n(n);
@@ -170,47 +302,79 @@ fn gcra_spent(rps: u32, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
 
 impl RateLimiter {
     pub fn new(limits: Limits) -> Self {
-        telemetry::rate_limit(f64::from(limits.max_rps));
+        let budget = Budget { limits, share: 1.0 };
+        telemetry::rate_limit(budget.rate());
         Self {
-            limits: watch::Sender::new(limits),
-            hard: RwLock::new(gcra(limits.max_rps, limits.burst)),
+            budget: watch::Sender::new(budget),
+            hard: RwLock::new(gcra(budget.rate(), budget.burst())),
             adaptive: Mutex::new(Adaptive {
-                aimd: Aimd::new(limits.max_rps, Instant::now()),
+                cubic: Cubic::new(budget.rate()),
                 gate_rate: None,
                 gate: None,
-                shown: f64::from(limits.max_rps),
+                shown: budget.rate(),
             }),
         }
     }
 
+    /// The operator's limits (not this worker's share of them).
     pub fn limits(&self) -> Limits {
-        *self.limits.borrow()
+        self.budget.borrow().limits
     }
 
+    /// This worker's share of the limits.
+    pub fn share(&self) -> f64 {
+        self.budget.borrow().share
+    }
+
+    /// Paused: `limits.max_rps = 0`, or a cluster share not granted yet.
     pub fn is_paused(&self) -> bool {
-        self.limits().max_rps == 0
+        self.budget.borrow().paused()
     }
 
     /// Applies new limits at once (live reload).
     pub fn set_limits(&self, limits: Limits) {
-        if let Ok(mut hard) = self.hard.write() {
-            *hard = gcra_spent(limits.max_rps, limits.burst);
+        let budget = Budget {
+            limits,
+            ..*self.budget.borrow()
+        };
+        self.apply(budget);
+    }
+
+    /// Applies this worker's share of a cluster budget, 0–1.
+    pub fn set_share(&self, share: f64) {
+        let budget = Budget {
+            share: share.clamp(0.0, 1.0),
+            ..*self.budget.borrow()
+        };
+        if budget != *self.budget.borrow() {
+            self.apply(budget);
         }
-        self.with_adaptive(|a| a.aimd.set_max(limits.max_rps, Instant::now()));
-        self.limits.send_replace(limits);
+    }
+
+    fn apply(&self, budget: Budget) {
+        if let Ok(mut hard) = self.hard.write() {
+            *hard = gcra_spent(budget.rate(), budget.burst());
+        }
+        self.with_adaptive(|a| a.cubic.set_max(budget.rate(), Instant::now()));
+        self.budget.send_replace(budget);
     }
 
     /// Tells the limiter Cognito answered TooManyRequestsException to a call
     /// that started at `call_started`.
     pub fn on_throttled(&self, call_started: Instant) {
         self.with_adaptive(|a| {
-            if a.aimd.throttled(Instant::now(), call_started) {
+            if a.cubic.throttled(Instant::now(), call_started) {
                 tracing::info!(
-                    effective_rps = format!("{:.1}", a.aimd.effective),
+                    effective_rps = format!("{:.1}", a.cubic.effective),
                     "throttled by Cognito; slowing down"
                 );
             }
         });
+    }
+
+    /// Tells the limiter Cognito answered a call without throttling.
+    pub fn on_admitted(&self) {
+        self.with_adaptive(|a| a.cubic.admitted(Instant::now()));
     }
 
     /// Updates the gate after recovery or a decrease; returns it.
@@ -220,12 +384,12 @@ impl RateLimiter {
         let mut guard = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
         let out = f(&mut guard);
         let now = Instant::now();
-        let rate = guard.aimd.rate(now);
-        let max = guard.aimd.max;
+        let rate = guard.cubic.rate(now);
+        let max = guard.cubic.max;
         let wanted = (rate < max).then(|| rate.floor().max(1.0) as u32);
         if wanted != guard.gate_rate {
             guard.gate_rate = wanted;
-            guard.gate = wanted.and_then(|r| gcra(r, 1));
+            guard.gate = wanted.and_then(|r| gcra(f64::from(r), 1));
         }
         let shown = wanted.map_or(max, f64::from);
         if shown != guard.shown {
@@ -237,15 +401,15 @@ impl RateLimiter {
 
     /// The effective rate now (for the gauge and tests).
     pub fn effective_rate(&self) -> f64 {
-        self.with_adaptive(|a| a.aimd.rate(Instant::now()))
+        self.with_adaptive(|a| a.cubic.rate(Instant::now()))
     }
 
     /// Waits until one more call may start, or returns `Err(Paused)` as soon
     /// as the campaign is paused.
     pub async fn acquire(&self) -> Result<(), Paused> {
-        let mut limits = self.limits.subscribe();
+        let mut budget = self.budget.subscribe();
         loop {
-            if limits.borrow_and_update().max_rps == 0 {
+            if budget.borrow_and_update().paused() {
                 return Err(Paused);
             }
             let hard = self.hard.read().ok().and_then(|h| h.clone());
@@ -258,31 +422,31 @@ impl RateLimiter {
                     let Some(gate) = self.with_adaptive(|a| a.gate.clone()) else {
                         break;
                     };
-                    gate.until_ready().await;
+                    until_ready(&gate).await;
                     let current = self.with_adaptive(|a| a.gate.clone());
                     if current.is_some_and(|c| Arc::ptr_eq(&c, &gate)) {
                         break;
                     }
                 }
                 if let Some(hard) = hard {
-                    hard.until_ready().await;
+                    until_ready(&hard).await;
                 }
             };
             tokio::select! {
                 _ = wait => return Ok(()),
-                // Limits changed while waiting: re-check for a pause, then
-                // wait on the new limiters.
-                changed = limits.changed() => if changed.is_err() { return Err(Paused) },
+                // The budget changed while waiting: re-check for a pause,
+                // then wait on the new limiters.
+                changed = budget.changed() => if changed.is_err() { return Err(Paused) },
             }
         }
     }
 
     /// Resolves when the campaign is not paused.
     pub async fn wait_unpaused(&self) {
-        let mut limits = self.limits.subscribe();
+        let mut budget = self.budget.subscribe();
         // The sender lives as long as `self`, so this cannot fail while we
         // borrow `self`.
-        let _ = limits.wait_for(|l| l.max_rps > 0).await;
+        let _ = budget.wait_for(|b| !b.paused()).await;
     }
 }
 
@@ -291,54 +455,132 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[test]
-    fn aimd_cuts_once_per_round_trip_and_recovers_additively() {
-        let t0 = Instant::now();
-        let mut aimd = Aimd::new(100, t0);
-        assert_eq!(aimd.rate(t0), 100.0);
-
-        assert!(aimd.throttled(t0, t0));
-        assert!((aimd.rate(t0) - 85.0).abs() < 1e-9);
-        // Answers to calls that were in flight at the cut are the same
-        // congestion signal: no second cut.
-        let ms = Duration::from_millis;
-        assert!(!aimd.throttled(t0 + ms(50), t0 - ms(10)));
-        assert!(aimd.rate(t0 + ms(50)) < 85.5);
-
-        // A call started after the cut and still throttled: cut again,
-        // steeply (×0.6) since the last cut was under 500 ms ago; a second
-        // later, gently (×0.85) again.
-        assert!(aimd.throttled(t0 + ms(100), t0 + ms(60)));
-        assert!(aimd.throttled(t0 + ms(2000), t0 + ms(1900)));
-        let low = aimd.rate(t0 + Duration::from_secs(2));
-        assert!((low - 46.682).abs() < 0.01, "{low}");
-
-        // +2/s (2 % of 100): not instant, but full speed within ~25 s.
-        let after_5s = aimd.rate(t0 + Duration::from_secs(7));
-        assert!((after_5s - (low + 10.0)).abs() < 1e-6, "{after_5s}");
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(40)), 100.0);
+    fn at(t0: Instant, seconds: f64) -> Instant {
+        t0 + Duration::from_secs_f64(seconds)
     }
 
     #[test]
-    fn aimd_never_goes_below_the_floor_or_above_max() {
+    fn cubic_cuts_once_per_round_trip() {
         let t0 = Instant::now();
-        // Throttled every second, recovery (+0.5/s) hits the maximum of 3
-        // before each cut: the rate cycles 3 -> 2.55.
-        let mut aimd = Aimd::new(3, t0);
-        for i in 0..40 {
-            let now = t0 + Duration::from_secs(i);
-            aimd.throttled(now, now);
+        let mut cubic = Cubic::new(100.0);
+        assert_eq!(cubic.rate(t0), 100.0);
+        assert!(cubic.throttled(t0, t0));
+        assert!((cubic.rate(t0) - 85.0).abs() < 1e-9);
+        // Answers to calls that were in flight at the cut are the same
+        // congestion signal: no second cut.
+        let ms = Duration::from_millis;
+        assert!(!cubic.throttled(t0 + ms(50), t0 - ms(10)));
+        // A call started after the cut and still throttled: cut again,
+        // steeply (×0.6) since the last cut was under 500 ms ago, from a
+        // mark lowered below the 86.7/s it had climbed back to in those
+        // 100 ms (nothing admitted to measure by: fast convergence, ×0.925).
+        assert!(cubic.throttled(t0 + ms(100), t0 + ms(60)));
+        let steep = cubic.rate(t0 + ms(100));
+        assert!((47.0..49.5).contains(&steep), "{steep}");
+    }
+
+    #[test]
+    fn cubic_returns_to_just_under_the_last_throttle_then_probes_slowly() {
+        let t0 = Instant::now();
+        // max_rps far above what Cognito allows: the climb is scaled to the
+        // rate of the last throttle (30), not to max_rps (1000).
+        let mut cubic = Cubic::new(1000.0);
+        cubic.last_decrease = Some(t0);
+        cubic.throttled(at(t0, 1.0), at(t0, 1.0));
+        cubic.w_max = 30.0;
+        cubic.origin = 25.5;
+        let r = |c: &mut Cubic, s: f64| c.rate(at(t0, 1.0 + s));
+        assert!((r(&mut cubic, 0.0) - 25.5).abs() < 1e-9);
+        // Concave: most of the way back within the first second...
+        assert!(r(&mut cubic, 1.0) > 28.5, "{}", r(&mut cubic, 1.0));
+        // ...at the mark after RETURN_SECONDS, and lingering near it...
+        assert!((r(&mut cubic, 2.5) - 30.0).abs() < 1e-9);
+        assert!(r(&mut cubic, 3.5) < 30.3, "{}", r(&mut cubic, 3.5));
+        // ...then probing above it, faster the longer nothing throttles.
+        let probe = r(&mut cubic, 5.0);
+        assert!((32.0..36.0).contains(&probe), "{probe}");
+        // The old AIMD climbed 2 % of max_rps per second: +20/s here.
+    }
+
+    #[test]
+    fn cubic_fast_convergence_lowers_the_mark_when_the_quota_shrinks() {
+        let t0 = Instant::now();
+        let mut cubic = Cubic::new(100.0);
+        cubic.throttled(t0, t0);
+        // Throttled again at 2 s, before reaching the mark of 100: the
+        // available rate shrank, so the new mark is below the rate it hurt at.
+        let now = at(t0, 2.0);
+        let current = cubic.rate(now);
+        assert!(current < 100.0);
+        cubic.throttled(now, now);
+        assert!((cubic.w_max - current * 0.925).abs() < 1e-9);
+        // The cut is taken from the lowered mark.
+        assert!((cubic.rate(now) - cubic.w_max * 0.85).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_mark_is_what_cognito_let_through_so_a_cascade_does_not_drag_it_down() {
+        // Sending 30/s where real users leave 20/s: Cognito admits 20 a
+        // second, and throttles the rest.
+        let t0 = Instant::now();
+        let mut cubic = Cubic::new(30.0);
+        for i in 0..20 {
+            cubic.admitted(at(t0, 0.025 + 0.05 * f64::from(i)));
         }
-        let settled = aimd.rate(t0 + Duration::from_secs(39));
-        assert!((settled - 2.55).abs() < 0.01, "{settled}");
+        cubic.throttled(at(t0, 1.0), at(t0, 1.0));
+        assert!((cubic.w_max - 20.0).abs() < 1e-9, "{}", cubic.w_max);
+        assert!((cubic.rate(at(t0, 1.0)) - 17.0).abs() < 1e-9);
+        // The quota's bucket is still empty: throttled twice more, steeply.
+        cubic.throttled(at(t0, 1.1), at(t0, 1.05));
+        cubic.throttled(at(t0, 1.2), at(t0, 1.15));
+        let low = cubic.rate(at(t0, 1.2));
+        assert!(low < 8.0, "{low}");
+        // The rate fell; the mark hardly did (the last second still holds
+        // 16 of the 20 admitted), so the climb is back near 20 within 2.5 s.
+        assert!(cubic.w_max > 15.0, "{}", cubic.w_max);
+        assert!(cubic.rate(at(t0, 3.7)) >= cubic.w_max - 1e-9);
+    }
+
+    #[test]
+    fn a_throttle_before_the_curve_is_back_at_the_mark_never_raises_it() {
+        // A cap of 100 against a quota of 25/s whose bucket starts full: the
+        // first second admits far more than the quota sustains.
+        let t0 = Instant::now();
+        let mut cubic = Cubic::new(100.0);
+        for i in 0..33 {
+            cubic.admitted(at(t0, 0.01 * f64::from(i)));
+        }
+        cubic.throttled(at(t0, 0.34), at(t0, 0.33));
+        assert!((cubic.w_max - 33.0).abs() < 1e-9, "{}", cubic.w_max);
+        // More admitted from what the bucket had left: the last second now
+        // holds 48, but the throttle comes before the curve is back at 33.
+        for i in 0..15 {
+            cubic.admitted(at(t0, 0.35 + 0.01 * f64::from(i)));
+        }
+        cubic.throttled(at(t0, 0.7), at(t0, 0.65));
+        assert!((cubic.w_max - 33.0).abs() < 1e-9, "{}", cubic.w_max);
+        // Probing above the mark (after RETURN_SECONDS) and throttled at a
+        // higher measured rate: the quota grew, the mark follows it.
+        for i in 0..40 {
+            cubic.admitted(at(t0, 3.5 + 0.02 * f64::from(i)));
+        }
+        cubic.throttled(at(t0, 4.45), at(t0, 4.4));
+        assert!((cubic.w_max - 40.0).abs() < 1e-9, "{}", cubic.w_max);
+    }
+
+    #[test]
+    fn cubic_never_goes_below_the_floor_or_above_max() {
+        let t0 = Instant::now();
+        let mut cubic = Cubic::new(3.0);
+        for i in 0..40 {
+            let now = at(t0, f64::from(i) * 0.2);
+            cubic.throttled(now, now);
+        }
+        assert_eq!(cubic.rate(at(t0, 8.0)), 1.0);
+        assert_eq!(cubic.rate(at(t0, 1000.0)), 3.0);
         // Lowering the maximum caps the effective rate at once.
-        aimd.set_max(1, t0 + Duration::from_secs(30));
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(30)), 1.0);
-        // At 1/s the floor holds.
-        let now = t0 + Duration::from_secs(31);
-        aimd.throttled(now, now);
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(31)), 1.0);
-        assert_eq!(aimd.rate(t0 + Duration::from_secs(99)), 1.0);
+        cubic.set_max(2.0, at(t0, 1000.0));
+        assert_eq!(cubic.rate(at(t0, 1000.0)), 2.0);
     }
 
     /// Real clock: governor runs on its own clock, so tokio's paused time

@@ -182,8 +182,99 @@ fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) ->
     }
 }
 
+/// The most calls in any window `[t, t + 1 s)`.
+fn max_in_one_second(times: &[std::time::Instant]) -> usize {
+    let mut best = 0;
+    let mut end = 0;
+    for (start, t) in times.iter().enumerate() {
+        while end < times.len() && times[end].duration_since(*t) < Duration::from_secs(1) {
+            end += 1;
+        }
+        best = best.max(end - start);
+    }
+    best
+}
+
+/// `workers` processes on one DynamoDB ledger sharing a 30/s budget (burst
+/// 3): (total rate first→last, worst 1-s window, CPU ms per job, peak RSS
+/// MiB of the largest worker, every job once).
+fn measure_cluster(workers: usize, moto: &str) -> (f64, usize, f64, f64, bool) {
+    const JOBS: usize = 900;
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::from_millis(20),
+        ..FakeConfig::default()
+    });
+    fake.enqueue((0..JOBS).map(|i| {
+        serde_json::json!({"username": format!("user{i:05}@example.com"), "campaign_id": "bench"})
+            .to_string()
+    }));
+    let table = format!("bench-{}", random_suffix());
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
+        .args(["ledger", "init"])
+        .env("RESET_WORKER_SQS__QUEUE_URL", fake.queue_url())
+        .env("RESET_WORKER_COGNITO__CLIENT_ID", "bench")
+        .env("RESET_WORKER_LEDGER__BACKEND", "dynamodb")
+        .env("RESET_WORKER_LEDGER__TABLE", &table)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", moto)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("ledger init");
+    assert!(init.status.success());
+    let runs: Vec<WorkerRun> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (fake, table) = (&fake, &table);
+                scope.spawn(move || {
+                    run_worker(
+                        fake,
+                        &[
+                            ("RESET_WORKER_LIMITS__MAX_RPS", "30"),
+                            ("RESET_WORKER_LIMITS__BURST", "3"),
+                            ("RESET_WORKER_LIMITS__CONCURRENCY", "8"),
+                            ("RESET_WORKER_LEDGER__BACKEND", "dynamodb"),
+                            ("RESET_WORKER_LEDGER__TABLE", table),
+                            ("AWS_ENDPOINT_URL_DYNAMODB", moto),
+                        ],
+                        &["--until-empty", "--empty-polls", "3"],
+                        Duration::from_secs(120),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread"))
+            .collect()
+    });
+    let times = fake.accepted_call_times();
+    let rate = match (times.first(), times.last()) {
+        (Some(a), Some(b)) if b > a => {
+            (times.len() - 1) as f64 / b.duration_since(*a).as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    let cpu: f64 = runs.iter().map(|r| r.cpu.as_secs_f64()).sum();
+    let rss = runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0;
+    let distinct = fake
+        .accepted_usernames()
+        .into_iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let ok = runs.iter().all(|r| r.exit_code == Some(0)) && distinct == JOBS && times.len() == JOBS;
+    (
+        rate,
+        max_in_one_second(&times),
+        cpu * 1000.0 / JOBS as f64,
+        rss,
+        ok,
+    )
+}
+
 #[test]
-#[ignore = "benchmark (about 2 min, release build): run scripts/bench.sh"]
+#[ignore = "benchmark (about 4 min, release build): run scripts/bench.sh"]
 fn bench_ledger() {
     let strict = std::env::var("BENCH_STRICT").is_ok_and(|v| v == "1");
     let moto = moto_url();
@@ -246,6 +337,39 @@ fn bench_ledger() {
             r.run.cpu.as_secs_f64() * 1000.0 / r.jobs as f64,
             r.run.peak_rss_kib as f64 / 1024.0,
             if r.complete() { "yes" } else { "**no**" }
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n### One budget, several workers (DynamoDB on moto; max_rps 30, burst 3; 900 jobs, 20 ms calls)\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workers | total rate/s (first→last) | rate / budget | most calls in 1 s | CPU ms / job (all workers) | peak RSS MiB (largest) | every job once, exit 0 |"
+    );
+    let _ = writeln!(w, "|{}", "---|".repeat(7));
+    for workers in [1, 2, 4] {
+        eprintln!("bench: {workers} workers sharing 30/s...");
+        let (rate, worst, cpu, rss, ok) = measure_cluster(workers, &moto);
+        if rate / 30.0 < 0.9 {
+            failed.push(format!(
+                "{workers} workers: rate / budget {:.3} < 0.9",
+                rate / 30.0
+            ));
+        }
+        if worst > 33 {
+            failed.push(format!(
+                "{workers} workers: {worst} calls in one second > 33"
+            ));
+        }
+        if !ok {
+            failed.push(format!("{workers} workers: not every job sent once"));
+        }
+        let _ = writeln!(
+            w,
+            "| {workers} | {rate:.1} | {:.3} | {worst} | {cpu:.2} | {rss:.1} | {} |",
+            rate / 30.0,
+            if ok { "yes" } else { "**no**" }
         );
     }
     println!("{out}");

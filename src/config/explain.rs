@@ -46,6 +46,14 @@ impl Settings {
                     }
                     _ => "default".to_owned(),
                 });
+            // An unset scope follows the ledger: show what is in force.
+            let (value, source) = match key {
+                "limits.scope" if value.is_null() => (
+                    serde_json::to_value(self.rate_scope()).unwrap_or_default(),
+                    format!("{source} (follows ledger.backend)"),
+                ),
+                _ => (value.clone(), source),
+            };
             out.push(Explained {
                 key: key.to_owned(),
                 value: value.to_string(),

@@ -9,7 +9,8 @@ use figment::providers::{Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    Action, ConfigError, ENV_SECRETS, MAX_VISIBILITY_SECONDS, Settings, env_layer, invalid, is_fifo,
+    Action, ConfigError, ENV_SECRETS, LedgerBackend, MAX_VISIBILITY_SECONDS, Scope, Settings,
+    env_layer, invalid, is_fifo,
 };
 
 impl Settings {
@@ -197,6 +198,13 @@ impl Settings {
             ));
         }
         let ledger = &self.ledger;
+        if self.limits.scope == Some(Scope::Cluster) && ledger.backend == LedgerBackend::Memory {
+            return Err(invalid(
+                "limits.scope",
+                "is `cluster`, which needs a ledger the workers share \
+                 (`ledger.backend = \"sqlite\"` or `\"dynamodb\"`), not `memory`",
+            ));
+        }
         in_range("ledger.retention_days", ledger.retention_days, 1, 3650)?;
         in_range("ledger.max_entries", ledger.max_entries, 1000, 10_000_000)?;
         if ledger.table.trim().is_empty() {
@@ -224,6 +232,15 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Whose budget `limits.max_rps` is: as configured, else `cluster` with
+    /// a shared ledger and `process` with the memory ledger.
+    pub fn rate_scope(&self) -> Scope {
+        self.limits.scope.unwrap_or(match self.ledger.backend {
+            LedgerBackend::Memory => Scope::Process,
+            LedgerBackend::Sqlite | LedgerBackend::Dynamodb => Scope::Cluster,
+        })
     }
 
     pub fn visibility_timeout(&self) -> Duration {
@@ -431,6 +448,42 @@ mod tests {
             jail.set_env("RESET_WORKER_SQS__WAIT_TIME_SECONDS", "1");
             let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
             assert!(s.check_until_empty().is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_rate_scope_follows_the_ledger_unless_set() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", REQUIRED)?;
+            let load = || Settings::load(Some(Path::new("c.toml")));
+            assert_eq!(load().unwrap().rate_scope(), Scope::Cluster);
+            jail.set_env("RESET_WORKER_LEDGER__BACKEND", "memory");
+            assert_eq!(load().unwrap().rate_scope(), Scope::Process);
+            // A cluster budget needs a ledger the workers share.
+            jail.set_env("RESET_WORKER_LIMITS__SCOPE", "cluster");
+            let err = load().unwrap_err().to_string();
+            assert!(err.contains("`limits.scope`"), "{err}");
+            jail.set_env("RESET_WORKER_LEDGER__BACKEND", "dynamodb");
+            jail.set_env("RESET_WORKER_LIMITS__SCOPE", "process");
+            assert_eq!(load().unwrap().rate_scope(), Scope::Process);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_old_dedup_section_points_to_the_ledger() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                &format!("{REQUIRED}\n[dedup]\nwindow_seconds = 60\n"),
+            )?;
+            let err = Settings::load(Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`dedup`") && err.contains("[ledger]"), "{err}");
             Ok(())
         });
     }

@@ -325,6 +325,22 @@ pub struct LimitSettings {
     /// live when the config file changes.
     #[serde(default = "defaults::burst")]
     pub burst: u32,
+    /// `cluster` (the default with a shared ledger: `sqlite` or `dynamodb`):
+    /// `max_rps` and `burst` are the budget of every worker sharing the
+    /// ledger together, divided among the live ones. `process` (the default,
+    /// and the only choice, with the `memory` ledger): each worker's own.
+    #[serde(default)]
+    pub scope: Option<Scope>,
+}
+
+/// Whose budget `limits.max_rps` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every worker sharing the ledger, together.
+    Cluster,
+    /// Each process on its own.
+    Process,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -28,7 +28,10 @@ use aws_sdk_dynamodb::types::{
 };
 use tokio::sync::mpsc;
 
-use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
+use super::{
+    Backend, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
+    decide_claim,
+};
 use crate::backoff::Backoff;
 
 /// Items per report page (`Query`'s `Limit`): the report holds at most
@@ -399,6 +402,76 @@ impl Backend for Dynamo {
                 _ => return Ok(()),
             }
         }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        seen_until_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<Vec<Member>, LedgerError> {
+        let key = key_item(Key {
+            campaign: MEMBERS,
+            username: worker,
+        });
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .update_expression(
+                "SET seen_until = :until, expires_at = :expires, \
+                 joined_at = if_not_exists(joined_at, :now)",
+            )
+            .expression_attribute_values(":until", n(seen_until_ms))
+            .expression_attribute_values(":expires", n(expires_at_s))
+            .expression_attribute_values(":now", n(now_ms))
+            .send()
+            .await
+            .map_err(|e| classify(&e))?;
+        let mut members = Vec::new();
+        let mut start = None;
+        loop {
+            // Consistent: a member that registered a moment ago must be seen.
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("campaign = :c")
+                .filter_expression("seen_until > :now")
+                .expression_attribute_values(":c", s(MEMBERS))
+                .expression_attribute_values(":now", n(now_ms))
+                .projection_expression("username, joined_at")
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(&e))?;
+            members.extend(page.items.unwrap_or_default().iter().filter_map(|item| {
+                Some(Member {
+                    worker: get_s(item, "username")?.to_owned(),
+                    joined_at_ms: get_n(item, "joined_at"),
+                })
+            }));
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(members),
+            }
+        }
+    }
+
+    async fn leave(&self, worker: &str) -> Result<(), LedgerError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(Key {
+                campaign: MEMBERS,
+                username: worker,
+            })))
+            .send()
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), LedgerError> {

@@ -12,7 +12,9 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use tokio::sync::mpsc;
 
-use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
+use super::{
+    Backend, Claim, Entry, Final, Key, LedgerError, Member, Owner, State, Stored, decide_claim,
+};
 
 #[derive(Debug, Clone)]
 struct Row {
@@ -186,6 +188,24 @@ impl Backend for Memory {
                 break;
             }
         }
+        Ok(())
+    }
+
+    /// The memory ledger is this process's alone: its only member is itself.
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        _seen_until_ms: u64,
+        _expires_at_s: u64,
+    ) -> Result<Vec<Member>, LedgerError> {
+        Ok(vec![Member {
+            worker: worker.to_owned(),
+            joined_at_ms: now_ms,
+        }])
+    }
+
+    async fn leave(&self, _worker: &str) -> Result<(), LedgerError> {
         Ok(())
     }
 

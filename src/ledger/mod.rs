@@ -39,6 +39,18 @@ const REPORT_BUFFER: usize = 1024;
 /// Keys per `sent_among` batch (DynamoDB's BatchGetItem takes 100).
 pub const LOOKUP_BATCH: usize = 100;
 
+/// The partition where workers sharing a cluster budget register. No job's
+/// campaign can be this: campaign IDs never hold a control character.
+pub const MEMBERS: &str = "\u{1}workers";
+
+/// A worker registered in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub worker: String,
+    /// When it first registered (its own clock), ms since the epoch.
+    pub joined_at_ms: u64,
+}
+
 /// A user's state in the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
@@ -223,6 +235,21 @@ pub trait Backend: Send + Sync {
         out: mpsc::Sender<Result<Entry, LedgerError>>,
     ) -> Result<(), LedgerError>;
 
+    /// Registers `worker` as alive until `seen_until_ms` (on its first call:
+    /// joined at `now_ms`) and returns every member alive at `now_ms`,
+    /// itself included.
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        seen_until_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<Vec<Member>, LedgerError>;
+
+    /// Removes `worker`'s registration (a clean exit), so the others take up
+    /// its share at their next heartbeat instead of after the expiry.
+    async fn leave(&self, worker: &str) -> Result<(), LedgerError>;
+
     /// One cheap request that proves the ledger is reachable and set up.
     async fn check(&self) -> Result<(), LedgerError>;
 
@@ -394,6 +421,29 @@ impl Ledger {
 
     pub async fn check(&self) -> Result<(), LedgerError> {
         timed("check", self.backend.check()).await
+    }
+
+    /// This worker's identity in claims and in the member list.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Registers this worker as alive for `alive_for`; returns the members
+    /// alive now.
+    pub async fn heartbeat(&self, alive_for: Duration) -> Result<Vec<Member>, LedgerError> {
+        let now = now_ms();
+        let until = now + alive_for.as_millis() as u64;
+        // The registration outlives its liveness by an hour, then TTL drops it.
+        let expires = until / 1000 + 3600;
+        timed(
+            "heartbeat",
+            self.backend.heartbeat(&self.worker_id, now, until, expires),
+        )
+        .await
+    }
+
+    pub async fn leave(&self) -> Result<(), LedgerError> {
+        timed("leave", self.backend.leave(&self.worker_id)).await
     }
 
     pub async fn init(&self) -> Result<Vec<String>, LedgerError> {

@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::{Backend, Claim, Entry, Final, Key, LedgerError, Owner, State, Stored, decide_claim};
+use super::{
+    Backend, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
+    decide_claim,
+};
 
 /// Rows read per report page: the report holds at most this many (plus the
 /// channel's buffer) at a time.
@@ -296,6 +299,55 @@ impl Backend for Sqlite {
                 return Ok(());
             }
         }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        seen_until_ms: u64,
+        expires_at_s: u64,
+    ) -> Result<Vec<Member>, LedgerError> {
+        let worker = worker.to_owned();
+        self.with(move |conn| {
+            // Members use the ledger's own columns: `lease_until` is how long
+            // the member counts as alive, `updated_at` when it joined.
+            conn.execute(
+                "INSERT INTO ledger (campaign, username, state, lease_until, updated_at, expires_at)
+                 VALUES (?1, ?2, 'in_progress', ?3, ?4, ?5)
+                 ON CONFLICT (campaign, username) DO UPDATE SET lease_until = ?3, expires_at = ?5",
+                params![
+                    MEMBERS,
+                    worker,
+                    seen_until_ms as i64,
+                    now_ms as i64,
+                    expires_at_s as i64
+                ],
+            )?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT username, updated_at FROM ledger WHERE campaign = ?1 AND lease_until > ?2",
+            )?;
+            let rows = stmt.query_map(params![MEMBERS, now_ms as i64], |r| {
+                Ok(Member {
+                    worker: r.get(0)?,
+                    joined_at_ms: r.get::<_, i64>(1)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn leave(&self, worker: &str) -> Result<(), LedgerError> {
+        let worker = worker.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM ledger WHERE campaign = ?1 AND username = ?2",
+                params![MEMBERS, worker],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     async fn check(&self) -> Result<(), LedgerError> {

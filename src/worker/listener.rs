@@ -66,7 +66,13 @@ impl Listener {
 
         loop {
             if shared.limiter.is_paused() {
-                tracing::info!("campaign paused (limits.max_rps = 0); holding no messages");
+                if shared.limiter.limits().max_rps == 0 {
+                    tracing::info!("campaign paused (limits.max_rps = 0); holding no messages");
+                } else {
+                    tracing::info!(
+                        "waiting for this worker's share of the cluster rate budget; holding no messages"
+                    );
+                }
                 tokio::select! {
                     _ = shared.stop.cancelled() => break,
                     _ = shared.limiter.wait_unpaused() => {

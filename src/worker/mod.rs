@@ -7,8 +7,10 @@
 //! - [`task`]: one message, decide → call → apply;
 //! - [`policy`]: what a call's result means and what happens next;
 //! - [`outcome`]: the outcome of a message, logged and counted once;
-//! - [`reload`]: the settings that change without a restart.
+//! - [`reload`]: the settings that change without a restart;
+//! - [`budget`]: the rate budget shared by every worker on one ledger.
 
+pub mod budget;
 mod listener;
 pub mod outcome;
 pub mod policy;
@@ -23,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::cognito::{CallError, Cognito, SharedSecret};
 use crate::aws::deleter::{Batcher, Deleter};
 use crate::aws::sqs::{Queue, QueueError};
-use crate::config::{OnUncertain, RetrySettings, Settings, is_fifo};
+use crate::config::{OnUncertain, RetrySettings, Scope, Settings, is_fifo};
 use crate::health::Health;
 use crate::job::UserHasher;
 use crate::ledger::{Ledger, LedgerError};
@@ -187,6 +189,8 @@ pub struct Worker {
     listener: Listener,
     /// The delete batcher, spawned by `run`.
     batcher: Batcher,
+    /// `limits.scope = "cluster"`: the budget is shared through the ledger.
+    cluster: bool,
 }
 
 impl Worker {
@@ -222,7 +226,13 @@ impl Worker {
             fifo: is_fifo(&settings.sqs.queue_url),
             deferred_by_resend: Deferrals::default(),
         };
+        let cluster = settings.rate_scope() == Scope::Cluster;
+        if cluster {
+            // No share until the first heartbeat has counted the others.
+            shared.limiter.set_share(0.0);
+        }
         Self {
+            cluster,
             listener: Listener {
                 shared: Arc::new(shared),
                 concurrency: settings.limits.concurrency,
@@ -279,8 +289,25 @@ impl Worker {
         options: RunOptions,
     ) -> Result<Summary, WorkerError> {
         self.preflight().await?;
-        let Worker { listener, batcher } = self;
-        listener.run(batcher, shutdown, options).await
+        let Worker {
+            listener,
+            batcher,
+            cluster,
+        } = self;
+        let budget_stop = CancellationToken::new();
+        let budget = cluster.then(|| {
+            tokio::spawn(budget::run(
+                listener.shared.ledger.clone(),
+                listener.shared.limiter.clone(),
+                budget_stop.clone(),
+            ))
+        });
+        let result = listener.run(batcher, shutdown, options).await;
+        budget_stop.cancel();
+        if let Some(budget) = budget {
+            let _ = budget.await;
+        }
+        result
     }
 }
 

@@ -302,11 +302,20 @@ async fn call_until_decided(shared: &Shared, job: &ResetJob) -> Called {
         // a sent email could be followed by a redelivery and a second one.
         let call_started = Instant::now();
         let result = shared.cognito.reset(job).await;
-        if let Err(err) = &result {
-            last_error = Some(err.code);
-            if err.code == ErrorCode::TooManyRequests {
+        match &result {
+            Err(err) if err.code == ErrorCode::TooManyRequests => {
+                last_error = Some(err.code);
                 shared.limiter.on_throttled(call_started);
             }
+            Err(err) => {
+                last_error = Some(err.code);
+                // Any other answer from Cognito spent quota too: it was let
+                // through. A call that got no answer tells nothing.
+                if err.http_status.is_some() {
+                    shared.limiter.on_admitted();
+                }
+            }
+            Ok(_) => shared.limiter.on_admitted(),
         }
         match policy::after_call(result.as_ref(), attempts, &shared.retry, &mut backoff) {
             Step::Done(outcome) => break outcome,
