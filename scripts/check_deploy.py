@@ -292,7 +292,7 @@ def check_base(c: Checks, docs: list[dict]) -> dict | None:
                 "dies with it, and the Job's re-runs and KEDA's replicas must share one ledger")
     dep = check_workload(c, "base", docs, "Deployment")
     if dep:
-        c.check(dep["spec"].get("replicas") == 1, "base: Deployment replicas 1 (limits.max_rps is per process)")
+        c.check(dep["spec"].get("replicas") == 1, "base: Deployment replicas 1 (the KEDA overlay scales it)")
         args = container(dep["spec"]["template"]["spec"]).get("args")
         c.check(args == ["run", "--config", config_path(container(dep["spec"]["template"]["spec"]))],
                 f"base: Deployment args run --config FILE, got {args}")
@@ -620,6 +620,10 @@ def cmd_static(render_dir: Path) -> int:
     c = Checks()
     if all((render_dir / f"{r}.yaml").is_file() for r in EXPECTED_KINDS):
         renders = {r: load_render(render_dir, r) for r in EXPECTED_KINDS}
+        for overlay in ("job", "keda"):
+            for d in renders[overlay]:
+                c.check(get(d, "metadata", "namespace") == NAME,
+                        f"{overlay}: {d['kind']} {get(d, 'metadata', 'name')} in namespace {NAME}")
         base_dep = check_base(c, renders["base"])
         note_template_drift(renders["base"])
         check_job(c, renders["job"], base_dep)
