@@ -27,6 +27,9 @@ pub const ALIVE_FOR: Duration = Duration::from_secs(10);
 /// so every other worker has renewed (and seen it) at least once.
 pub const JOIN_DELAY: Duration = Duration::from_secs(4);
 
+/// How long a worker waits at exit for its deregistration.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// This worker's share of the budget, given the live members at `now_ms`.
 pub fn share_of(members: &[Member], me: &str, now_ms: u64) -> f64 {
     let Some(mine) = members.iter().find(|m| m.worker == me) else {
@@ -72,7 +75,13 @@ pub async fn run(ledger: Ledger, limiter: Arc<RateLimiter>, stop: CancellationTo
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
     }
-    if let Err(err) = ledger.leave().await {
+    // Bounded: this runs after the jobs' grace period, and a ledger that does
+    // not answer must not hold the exit; the registration expires anyway.
+    let left = tokio::time::timeout(LEAVE_TIMEOUT, ledger.leave()).await;
+    if let Err(err) = left
+        .map_err(|_| "timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
         tracing::warn!(error = %err, "could not deregister from the cluster budget; the others take up this share after the expiry");
     }
 }
