@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
 use support::fake_aws::{FakeAws, FakeConfig, WorkerRun, run_worker};
-use support::{free_port, http_get, http_post, moto_url, random_suffix};
+use support::{free_port, http_get, http_post, max_in_one_second, moto_url, random_suffix};
 
 struct Run {
     backend: &'static str,
@@ -180,19 +180,6 @@ fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) ->
         metrics,
         sqs_requests,
     }
-}
-
-/// The most calls in any window `[t, t + 1 s)`.
-fn max_in_one_second(times: &[std::time::Instant]) -> usize {
-    let mut best = 0;
-    let mut end = 0;
-    for (start, t) in times.iter().enumerate() {
-        while end < times.len() && times[end].duration_since(*t) < Duration::from_secs(1) {
-            end += 1;
-        }
-        best = best.max(end - start);
-    }
-    best
 }
 
 /// `workers` processes on one DynamoDB ledger sharing a 30/s budget (burst

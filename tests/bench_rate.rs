@@ -136,17 +136,7 @@ impl Measured {
 
     /// The most accepted calls in any window `[t, t + 1 s)`.
     fn max_in_one_second(&self) -> usize {
-        let mut best = 0;
-        let mut end = 0;
-        for (start, t) in self.times.iter().enumerate() {
-            while end < self.times.len()
-                && self.times[end].duration_since(*t) < Duration::from_secs(1)
-            {
-                end += 1;
-            }
-            best = best.max(end - start);
-        }
-        best
+        support::max_in_one_second(&self.times)
     }
 
     /// Accepted calls per second net of a token bucket's initial `burst`:

@@ -15,19 +15,6 @@ use support::*;
 
 const JOBS: usize = 600;
 
-/// The most calls in any window `[t, t + 1 s)`.
-fn max_in_one_second(times: &[Instant]) -> usize {
-    let mut best = 0;
-    let mut end = 0;
-    for (start, t) in times.iter().enumerate() {
-        while end < times.len() && times[end].duration_since(*t) < Duration::from_secs(1) {
-            end += 1;
-        }
-        best = best.max(end - start);
-    }
-    best
-}
-
 #[test]
 fn three_workers_share_one_budget_while_they_join_and_die() {
     let moto = moto_url();

@@ -110,6 +110,22 @@ fn stored(item: &HashMap<String, AttributeValue>) -> Option<Stored<'_>> {
 }
 
 /// What a failed request means: a wait, or a misconfiguration that halts.
+/// Whether a conditional `UpdateItem` was applied: `false` when its
+/// condition failed (the entry is someone else's now), an error otherwise.
+fn applied<T, R>(result: Result<T, SdkError<UpdateItemError, R>>) -> Result<bool, LedgerError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(err)
+            if err
+                .as_service_error()
+                .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(err) => Err(classify(&err)),
+    }
+}
+
 fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> LedgerError {
     let message = err
         .message()
@@ -237,17 +253,7 @@ impl Backend for Dynamo {
             .expression_attribute_values(":lease", n(lease_until_ms))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(classify(&err)),
-        }
+        applied(result)
     }
 
     async fn finish(
@@ -281,17 +287,7 @@ impl Backend for Dynamo {
                 .expression_attribute_names("#owner", "owner")
                 .expression_attribute_values(":owner", s(owner.as_str()));
         }
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(err) => Err(classify(&err)),
-        }
+        applied(request.send().await)
     }
 
     async fn sent_among(

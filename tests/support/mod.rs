@@ -843,3 +843,17 @@ pub mod app;
 pub mod cognito_mock;
 pub mod fake_aws;
 pub mod proxy;
+
+/// The most events in any window `[t, t + 1 s)` of `times` (sorted): the
+/// bound a rate cap must hold.
+pub fn max_in_one_second(times: &[Instant]) -> usize {
+    let mut best = 0;
+    let mut end = 0;
+    for (start, t) in times.iter().enumerate() {
+        while end < times.len() && times[end].duration_since(*t) < Duration::from_secs(1) {
+            end += 1;
+        }
+        best = best.max(end - start);
+    }
+    best
+}
