@@ -27,6 +27,9 @@ use crate::worker::{RunOptions, Worker, reload};
 pub struct Clients {
     pub sqs: aws_sdk_sqs::Client,
     /// Built by [`cognito::build_client`]: SDK retries off, a call timeout.
+    /// The `default` pool's client; pools with a `region` or `endpoint_url`
+    /// of their own get clients derived from it
+    /// ([`cognito::clients_by_pool`]).
     pub cognito: aws_sdk_cognitoidentityprovider::Client,
     /// For `ledger.backend = "dynamodb"`; built by [`dynamodb::build_client`].
     pub dynamodb: aws_sdk_dynamodb::Client,
@@ -119,6 +122,7 @@ impl App {
             max_rps = s.limits.max_rps,
             ledger = s.ledger.backend.as_str(),
             secret_hash = s.cognito.client_secret.is_some(),
+            pools = s.cognito.pools.len() + 1,
             "worker starting"
         );
         let watcher = self.config_path.clone().map(|path| {

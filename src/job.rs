@@ -23,6 +23,9 @@ pub const MAX_METADATA_VALUE_CHARS: usize = 2048;
 pub const MAX_CAMPAIGN_ID_CHARS: usize = 128;
 pub const MAX_ENCODED_DATA_CHARS: usize = 16 * 1024;
 pub const MAX_ENDPOINT_ID_CHARS: usize = 256;
+/// Pool names are at most 64 characters (`cognito.pools.NAME`): a longer
+/// one can name no configured pool, and is refused as invalid instead.
+pub const MAX_POOL_CHARS: usize = 64;
 
 /// A username. Its `Debug` and `Display` never show it: use [`UserHasher`]
 /// to refer to a user in logs.
@@ -75,6 +78,9 @@ pub struct UserContext {
 pub struct ResetJob {
     pub username: Username,
     pub campaign_id: Option<String>,
+    /// The user pool, by its configured name; `None` is the `default`
+    /// pool. Whether the name is configured is the worker's to say.
+    pub pool: Option<String>,
     pub client_metadata: BTreeMap<String, String>,
     pub user_context: Option<UserContext>,
     pub analytics_endpoint_id: Option<String>,
@@ -152,6 +158,8 @@ struct RawJob {
     #[serde(default)]
     campaign_id: Option<String>,
     #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
     client_metadata: Option<BTreeMap<String, String>>,
     #[serde(default)]
     user_context_data: Option<RawUserContext>,
@@ -220,6 +228,15 @@ impl ResetJob {
                 });
             }
         }
+        if let Some(pool) = &raw.pool {
+            check_text("pool", pool, MAX_POOL_CHARS)?;
+            if pool.trim().is_empty() {
+                return Err(JobError::Invalid {
+                    field: "pool",
+                    problem: "is empty",
+                });
+            }
+        }
         let client_metadata = raw.client_metadata.unwrap_or_default();
         if client_metadata.len() > MAX_CLIENT_METADATA_ENTRIES {
             return Err(JobError::Invalid {
@@ -272,6 +289,7 @@ impl ResetJob {
         Ok(ResetJob {
             username,
             campaign_id: raw.campaign_id,
+            pool: raw.pool,
             client_metadata,
             user_context,
             analytics_endpoint_id: raw.analytics_endpoint_id,
@@ -447,6 +465,59 @@ mod tests {
             let text = err.to_string();
             assert!(!text.contains("alice"), "{text}");
             assert!(!text.contains("eve@"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_pool_field_is_optional_and_validated() {
+        let job = ResetJob::parse(r#"{"username":"a","pool":"eu-1"}"#).unwrap();
+        assert_eq!(job.pool.as_deref(), Some("eu-1"));
+        let job = ResetJob::parse(r#"{"username":"a"}"#).unwrap();
+        assert_eq!(job.pool, None);
+        // Null is the same as absent: the default pool.
+        let job = ResetJob::parse(r#"{"username":"a","pool":null}"#).unwrap();
+        assert_eq!(job.pool, None);
+        // Any name that passes is the worker's to look up; an unknown one is
+        // `unknown_pool` there, not an invalid body here.
+        let job = ResetJob::parse(r#"{"username":"a","pool":"nope"}"#).unwrap();
+        assert_eq!(job.pool.as_deref(), Some("nope"));
+        let ok = "p".repeat(MAX_POOL_CHARS);
+        assert!(ResetJob::parse(&format!(r#"{{"username":"a","pool":"{ok}"}}"#)).is_ok());
+        let long = "p".repeat(MAX_POOL_CHARS + 1);
+        let cases = [
+            (r#"{"username":"a","pool":1}"#.to_owned(), "invalid_shape"),
+            (
+                r#"{"username":"a","pool":["b"]}"#.to_owned(),
+                "invalid_shape",
+            ),
+            (
+                r#"{"username":"a","pool":{"b":1}}"#.to_owned(),
+                "invalid_shape",
+            ),
+            (r#"{"username":"a","pool":""}"#.to_owned(), "invalid_field"),
+            (
+                r#"{"username":"a","pool":"  "}"#.to_owned(),
+                "invalid_field",
+            ),
+            (
+                r#"{"username":"a","pool":"b\nc"}"#.to_owned(),
+                "invalid_field",
+            ),
+            (
+                r#"{"username":"a","pool":"b\u0000"}"#.to_owned(),
+                "invalid_field",
+            ),
+            (
+                format!(r#"{{"username":"a","pool":"{long}"}}"#),
+                "invalid_field",
+            ),
+        ];
+        for (body, reason) in cases {
+            let err = ResetJob::parse(&body).expect_err(&body);
+            assert_eq!(err.reason(), reason, "{body}: {err}");
+            if reason == "invalid_field" {
+                assert!(err.to_string().contains("`pool`"), "{err}");
+            }
         }
     }
 

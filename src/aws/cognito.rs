@@ -5,6 +5,10 @@
 //! TooManyRequests and LimitExceeded; stacked under our policy that would
 //! multiply calls against a shared, unraisable quota, and retry a per-user
 //! limit at once. [`crate::worker::policy`] is therefore the only retry policy.
+//!
+//! Several user pools ([`Pools`]): one [`Cognito`] per configured pool, each
+//! with its own app client, secret and action, on one SDK client per
+//! distinct (Region, endpoint) ([`clients_by_pool`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -19,7 +23,7 @@ use aws_sdk_cognitoidentityprovider::types::{AnalyticsMetadataType, UserContextD
 use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Action, CognitoSettings};
+use crate::config::{Action, CognitoSettings, DEFAULT_POOL, Pool};
 use crate::crypto::hmac_sha256;
 use crate::job::ResetJob;
 use crate::telemetry::{self, CallResult};
@@ -38,6 +42,39 @@ pub fn build_client(sdk: &SdkConfig, settings: &CognitoSettings) -> Client {
         )
         .build();
     Client::from_conf(conf)
+}
+
+/// An SDK client for every pool: pools with neither `region` nor
+/// `endpoint_url` share `base` (the SDK's Region and endpoint); the others
+/// get one client per distinct (Region, endpoint), derived from `base`, so
+/// they keep its credentials, retries (off) and timeouts.
+pub fn clients_by_pool(base: &Client, pools: &[Pool]) -> BTreeMap<String, Client> {
+    let mut by_place: HashMap<(Option<String>, Option<String>), Client> = HashMap::new();
+    pools
+        .iter()
+        .map(|pool| {
+            let place = (pool.region.clone(), pool.endpoint_url.clone());
+            let client = by_place
+                .entry(place)
+                .or_insert_with(|| {
+                    if pool.region.is_none() && pool.endpoint_url.is_none() {
+                        return base.clone();
+                    }
+                    let mut conf = base.config().to_builder();
+                    if let Some(region) = &pool.region {
+                        conf = conf.region(aws_sdk_cognitoidentityprovider::config::Region::new(
+                            region.clone(),
+                        ));
+                    }
+                    if let Some(url) = &pool.endpoint_url {
+                        conf = conf.endpoint_url(url);
+                    }
+                    Client::from_conf(conf.build())
+                })
+                .clone();
+            (pool.name.clone(), client)
+        })
+        .collect()
 }
 
 /// Base64(HMAC-SHA256(key = client secret, message = username + client id)).
@@ -248,6 +285,44 @@ pub struct Delivery {
 /// per call, never held across an await.
 pub type SharedSecret = Arc<RwLock<Option<SecretString>>>;
 
+/// Every configured pool's [`Cognito`], by name.
+pub struct Pools {
+    by_name: BTreeMap<String, Cognito>,
+}
+
+impl Pools {
+    /// One [`Cognito`] per pool of `settings`, on the clients of
+    /// [`clients_by_pool`].
+    pub fn new(base: &Client, settings: &CognitoSettings) -> Self {
+        let pools = settings.all_pools();
+        let mut clients = clients_by_pool(base, &pools);
+        let by_name = pools
+            .iter()
+            .map(|pool| {
+                let client = clients.remove(&pool.name).unwrap_or_else(|| base.clone());
+                let cognito = Cognito::new(client, pool, &settings.client_metadata);
+                (pool.name.clone(), cognito)
+            })
+            .collect();
+        Self { by_name }
+    }
+
+    /// The pool a job names (`None`: `default`); `None` when no pool has
+    /// that name.
+    pub fn get(&self, name: Option<&str>) -> Option<&Cognito> {
+        self.by_name.get(name.unwrap_or(DEFAULT_POOL))
+    }
+
+    /// Every pool's replaceable secret, by pool name, for the config
+    /// watcher.
+    pub fn secrets(&self) -> BTreeMap<String, SharedSecret> {
+        self.by_name
+            .iter()
+            .map(|(name, c)| (name.clone(), c.secret()))
+            .collect()
+    }
+}
+
 /// Calls ForgotPassword with every parameter the job and config provide.
 pub struct Cognito {
     client: Client,
@@ -259,14 +334,15 @@ pub struct Cognito {
 }
 
 impl Cognito {
-    pub fn new(client: Client, settings: &CognitoSettings) -> Self {
+    /// The calls of one pool; `default_metadata` is `cognito.client_metadata`.
+    pub fn new(client: Client, pool: &Pool, default_metadata: &BTreeMap<String, String>) -> Self {
         Self {
             client,
-            action: settings.action,
-            user_pool_id: settings.user_pool_id.clone(),
-            client_id: settings.client_id.clone(),
-            client_secret: Arc::new(RwLock::new(settings.client_secret.clone())),
-            default_metadata: settings.client_metadata.clone(),
+            action: pool.action,
+            user_pool_id: pool.user_pool_id.clone(),
+            client_id: pool.client_id.clone(),
+            client_secret: Arc::new(RwLock::new(pool.client_secret.clone())),
+            default_metadata: default_metadata.clone(),
         }
     }
 

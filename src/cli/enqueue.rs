@@ -279,6 +279,11 @@ pub struct EnqueueArgs {
     /// Campaign ID put on every job.
     #[arg(long)]
     campaign: String,
+    /// User pool put on every job (`default` or a `cognito.pools` name;
+    /// without it, jobs go to the `default` pool unless a row names its
+    /// own). A pool that is not configured exits with code 2.
+    #[arg(long)]
+    pool: Option<String>,
     /// Input format.
     #[arg(long, value_enum, default_value_t = Format::Auto)]
     format: Format,
@@ -301,6 +306,13 @@ pub struct EnqueueArgs {
     include_sent: bool,
     /// The campaign file; `-` reads stdin.
     file: String,
+}
+
+impl EnqueueArgs {
+    /// `--pool`, checked against the configuration before anything runs.
+    pub fn pool(&self) -> Option<&str> {
+        self.pool.as_deref()
+    }
 }
 
 /// The jobs whose user the ledger has as `sent` in `campaign`: one batched
@@ -338,7 +350,13 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             .with_context(|| format!("Failed to open {}", args.file))?;
         Box::new(std::io::BufReader::new(file))
     };
-    let mut loaded = input::load(&mut *reader, &args.file, args.format, &args.campaign)?;
+    let mut loaded = input::load_for_pool(
+        &mut *reader,
+        &args.file,
+        args.format,
+        &args.campaign,
+        args.pool.as_deref(),
+    )?;
     if args.format == Format::Auto
         && let Some(format) = loaded.format
     {

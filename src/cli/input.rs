@@ -70,6 +70,18 @@ pub fn load(
     format: Format,
     campaign: &str,
 ) -> Result<Loaded, EnqueueError> {
+    load_for_pool(input, name, format, campaign, None)
+}
+
+/// Reads and validates every row; with `pool` (`enqueue --pool`), stamps
+/// it on every row, and a row that names another pool is invalid.
+pub fn load_for_pool(
+    input: &mut dyn BufRead,
+    name: &str,
+    format: Format,
+    campaign: &str,
+    pool: Option<&str>,
+) -> Result<Loaded, EnqueueError> {
     let mut text = String::new();
     input
         .read_to_string(&mut text)
@@ -120,6 +132,21 @@ pub fn load(
                     reason: "`campaign_id` differs from --campaign".into(),
                 });
                 continue;
+            }
+        }
+        if let Some(pool) = pool {
+            match object.get("pool") {
+                None => {
+                    object.insert("pool".into(), pool.into());
+                }
+                Some(serde_json::Value::String(p)) if p == pool => {}
+                Some(_) => {
+                    loaded.rejects.push(Reject {
+                        line,
+                        reason: "`pool` differs from --pool".into(),
+                    });
+                    continue;
+                }
             }
         }
         let body = serde_json::Value::Object(object).to_string();
@@ -282,6 +309,29 @@ mod tests {
         assert_eq!(loaded.duplicates, 1);
         assert_eq!(loaded.jobs[1].username, "b@example.com");
         assert_eq!(loaded.format, Some(Format::Lines));
+    }
+
+    #[test]
+    fn pool_is_stamped_on_every_row_and_a_different_one_is_invalid() {
+        let text = "{\"username\":\"a@x.com\"}\n{\"username\":\"b@x.com\",\"pool\":\"b\"}\n{\"username\":\"c@x.com\",\"pool\":\"other\"}\n";
+        let loaded =
+            load_for_pool(&mut text.as_bytes(), "-", Format::Auto, "c1", Some("b")).unwrap();
+        let pools: Vec<String> = loaded
+            .jobs
+            .iter()
+            .map(|j| {
+                let body: serde_json::Value = serde_json::from_str(&j.body).unwrap();
+                body["pool"].as_str().unwrap_or("-").to_owned()
+            })
+            .collect();
+        assert_eq!(pools, vec!["b", "b"]);
+        assert_eq!(loaded.rejects.len(), 1);
+        assert_eq!(loaded.rejects[0].line, 3);
+        assert!(loaded.rejects[0].reason.contains("--pool"));
+        // Without --pool, rows keep their own (or none).
+        let loaded = load_str("-", text);
+        assert_eq!(loaded.jobs.len(), 3);
+        assert!(!loaded.jobs[0].body.contains("pool"));
     }
 
     #[test]

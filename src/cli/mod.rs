@@ -157,6 +157,10 @@ impl Cli {
             Command::Run {
                 until_empty: true, ..
             } => settings.check_until_empty(),
+            Command::Enqueue { args, .. } => match args.pool() {
+                Some(pool) => settings.check_pool(pool),
+                None => Ok(()),
+            },
             _ => Ok(()),
         };
         if let Err(err) = checked {

@@ -1,5 +1,6 @@
 //! `reset-worker preflight`: checks the queues, the app client and the
-//! pool before a campaign, each as PASS, WARN or FAIL.
+//! pool before a campaign, each as PASS, WARN or FAIL. Every configured
+//! pool is checked, each on its own client (Region, endpoint).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use super::estimate;
 use crate::aws::sqs::Queue;
-use crate::config::{LedgerBackend, Settings};
+use crate::config::{DEFAULT_POOL, LedgerBackend, Pool, Settings};
 use crate::ledger::{Ledger, dynamodb};
 
 /// The account-level cap of `ForgotPassword` (UserAccountRecovery), per
@@ -149,18 +150,76 @@ pub async fn checks(
         },
     }
 
-    let c = &settings.cognito;
-    match c.user_pool_id.as_deref() {
+    let pools = settings.cognito.all_pools();
+    let clients = crate::aws::cognito::clients_by_pool(cognito, &pools);
+    for pool in &pools {
+        let client = clients.get(&pool.name).unwrap_or(cognito);
+        // With one pool the lines read as they always did; with several,
+        // each pool's lines name it.
+        let prefix = if pools.len() > 1 {
+            format!("pool `{}`: ", pool.name)
+        } else {
+            String::new()
+        };
+        let start = checks.len();
+        pool_checks(pool, client, backlog, &mut checks).await;
+        for c in &mut checks[start..] {
+            c.detail.insert_str(0, &prefix);
+        }
+    }
+
+    let rps = settings.limits.max_rps;
+    let level = if rps > ACCOUNT_RECOVERY_QUOTA_RPS {
+        Level::Warn
+    } else {
+        Level::Pass
+    };
+    checks.push(check(
+        "duration",
+        level,
+        format!(
+            "{backlog} jobs at limits.max_rps {rps}: about {}{}",
+            estimate(backlog, rps),
+            if rps > ACCOUNT_RECOVERY_QUOTA_RPS {
+                " (above the account's 30/s recovery quota: expect throttling)"
+            } else {
+                ""
+            }
+        ),
+    ));
+    checks
+}
+
+/// A pool's key as the configuration spells it.
+fn pool_key(pool: &Pool, key: &str) -> String {
+    if pool.name == DEFAULT_POOL {
+        format!("cognito.{key}")
+    } else {
+        format!("cognito.pools.{}.{key}", pool.name)
+    }
+}
+
+/// The checks of one pool: its app client and the pool itself.
+async fn pool_checks(
+    pool: &Pool,
+    cognito: &aws_sdk_cognitoidentityprovider::Client,
+    backlog: u64,
+    checks: &mut Vec<Check>,
+) {
+    match pool.user_pool_id.as_deref() {
         None => checks.push(check(
             "app client",
             Level::Warn,
-            "cognito.user_pool_id is not set: the app client and the pool cannot be checked",
+            format!(
+                "{} is not set: the app client and the pool cannot be checked",
+                pool_key(pool, "user_pool_id")
+            ),
         )),
         Some(pool_id) => {
             match cognito
                 .describe_user_pool_client()
                 .user_pool_id(pool_id)
-                .client_id(&c.client_id)
+                .client_id(&pool.client_id)
                 .send()
                 .await
             {
@@ -172,7 +231,7 @@ pub async fn checks(
                 Ok(out) => {
                     let client = out.user_pool_client();
                     let has_secret = client.and_then(|c| c.client_secret()).is_some();
-                    let configured = c.client_secret.is_some();
+                    let configured = pool.client_secret.is_some();
                     let level = if has_secret == configured {
                         Level::Pass
                     } else {
@@ -254,27 +313,6 @@ pub async fn checks(
             }
         }
     }
-
-    let rps = settings.limits.max_rps;
-    let level = if rps > ACCOUNT_RECOVERY_QUOTA_RPS {
-        Level::Warn
-    } else {
-        Level::Pass
-    };
-    checks.push(check(
-        "duration",
-        level,
-        format!(
-            "{backlog} jobs at limits.max_rps {rps}: about {}{}",
-            estimate(backlog, rps),
-            if rps > ACCOUNT_RECOVERY_QUOTA_RPS {
-                " (above the account's 30/s recovery quota: expect throttling)"
-            } else {
-                ""
-            }
-        ),
-    ));
-    checks
 }
 
 /// The ledger: reachable, and (DynamoDB) the table's keys are right.

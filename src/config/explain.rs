@@ -7,7 +7,7 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use serde::Serialize;
 
-use super::{ENV_SECRETS, Settings, env_layer};
+use super::{ENV_SECRETS, Settings, env_layer, env_pool_secrets};
 
 /// One line of `reset-worker config`: a key, its effective value (secrets
 /// redacted) and where the value came from.
@@ -28,9 +28,20 @@ impl Settings {
         let figment = figment.merge(env_layer());
         let mut out = Vec::new();
         let value = serde_json::to_value(self).unwrap_or_default();
+        // Pool secrets from the environment, by their key.
+        let pool_secrets: Vec<(String, String)> = env_pool_secrets()
+            .into_iter()
+            .map(|(pool, var)| (format!("cognito.pools.{pool}.client_secret"), var))
+            .collect();
         flatten("", &value, &mut |key, value| {
             let from_env = ENV_SECRETS
                 .iter()
+                .map(|(k, var)| (*k, *var))
+                .chain(
+                    pool_secrets
+                        .iter()
+                        .map(|(k, var)| (k.as_str(), var.as_str())),
+                )
                 .find(|(k, var)| *k == key && std::env::var_os(var).is_some())
                 .map(|(_, var)| format!("`{var}` environment variable"));
             let source = from_env
@@ -40,11 +51,9 @@ impl Settings {
                         None => m.name.to_string(),
                     })
                 })
-                .unwrap_or_else(|| match &self.cognito.client_secret_file {
-                    Some(path) if key == "cognito.client_secret" => {
-                        format!("file {}", path.display())
-                    }
-                    _ => "default".to_owned(),
+                .unwrap_or_else(|| match self.secret_file_of(key) {
+                    Some(path) => format!("file {}", path.display()),
+                    None => "default".to_owned(),
                 });
             // An unset scope follows the ledger: show what is in force.
             let (value, source) = match key {
@@ -52,6 +61,22 @@ impl Settings {
                     serde_json::to_value(self.rate_scope()).unwrap_or_default(),
                     format!("{source} (follows ledger.backend)"),
                 ),
+                // A pool's unset action is the top level's: show it.
+                k if value.is_null()
+                    && k.starts_with("cognito.pools.")
+                    && k.ends_with(".action") =>
+                {
+                    (
+                        serde_json::to_value(self.cognito.action).unwrap_or_default(),
+                        format!("{source} (follows cognito.action)"),
+                    )
+                }
+                k if value.is_null()
+                    && k.starts_with("cognito.pools.")
+                    && (k.ends_with(".region") || k.ends_with(".endpoint_url")) =>
+                {
+                    (value.clone(), format!("{source} (the SDK's)"))
+                }
                 _ => (value.clone(), source),
             };
             out.push(Explained {
@@ -61,6 +86,19 @@ impl Settings {
             });
         });
         out
+    }
+}
+
+impl Settings {
+    /// The secret file a `*.client_secret` key was read from, if any.
+    fn secret_file_of(&self, key: &str) -> Option<&Path> {
+        if key == "cognito.client_secret" {
+            return self.cognito.client_secret_file.as_deref();
+        }
+        let pool = key
+            .strip_prefix("cognito.pools.")?
+            .strip_suffix(".client_secret")?;
+        self.cognito.pools.get(pool)?.client_secret_file.as_deref()
     }
 }
 

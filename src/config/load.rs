@@ -9,8 +9,8 @@ use figment::providers::{Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    Action, ConfigError, ENV_SECRETS, LedgerBackend, MAX_VISIBILITY_SECONDS, Scope, Settings,
-    env_layer, invalid, is_fifo,
+    Action, ConfigError, DEFAULT_POOL, ENV_SECRETS, LedgerBackend, MAX_POOL_NAME_CHARS,
+    MAX_VISIBILITY_SECONDS, Scope, Settings, env_layer, env_pool_secrets, invalid, is_fifo,
 };
 
 impl Settings {
@@ -35,6 +35,15 @@ impl Settings {
                 figment = figment.merge(Serialized::default(key, value));
             }
         }
+        for (pool, var) in env_pool_secrets() {
+            if let Ok(value) = std::env::var(&var) {
+                // Verbatim too. A name that is not a valid pool name fails
+                // below (an unknown key, or the name check), naming the pool,
+                // never the value.
+                let key = format!("cognito.pools.{pool}.client_secret");
+                figment = figment.merge(Serialized::default(&key, value));
+            }
+        }
         if figment.find_value("dedup").is_ok() {
             return Err(invalid(
                 "dedup",
@@ -50,19 +59,53 @@ impl Settings {
     }
 
     fn resolve_secret_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = self.cognito.client_secret_file.clone() else {
-            return Ok(());
-        };
-        if self.cognito.client_secret.is_some() {
-            return Err(invalid(
-                "cognito.client_secret_file",
-                "cannot be used together with `cognito.client_secret`",
-            ));
+        if let Some(path) = self.cognito.client_secret_file.clone() {
+            if self.cognito.client_secret.is_some() {
+                return Err(invalid(
+                    "cognito.client_secret_file",
+                    "cannot be used together with `cognito.client_secret`",
+                ));
+            }
+            self.cognito.client_secret =
+                Some(read_secret_file("cognito.client_secret_file".into(), path)?);
         }
-        let raw = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::SecretFile { path, source })?;
-        self.cognito.client_secret = Some(SecretString::from(raw.trim_end().to_owned()));
+        for (name, pool) in &mut self.cognito.pools {
+            let Some(path) = pool.client_secret_file.clone() else {
+                continue;
+            };
+            if pool.client_secret.is_some() {
+                return Err(ConfigError::InvalidPool {
+                    pool: name.clone(),
+                    key: "client_secret_file",
+                    problem: format!(
+                        "cannot be used together with `cognito.pools.{name}.client_secret`"
+                    ),
+                });
+            }
+            let key = format!("cognito.pools.{name}.client_secret_file");
+            pool.client_secret = Some(read_secret_file(key, path)?);
+        }
         Ok(())
+    }
+
+    /// `enqueue --pool NAME`: the pool must be configured.
+    pub fn check_pool(&self, name: &str) -> Result<(), ConfigError> {
+        if self.cognito.has_pool(name) {
+            return Ok(());
+        }
+        let configured: Vec<String> = self
+            .cognito
+            .all_pools()
+            .into_iter()
+            .map(|p| format!("`{}`", p.name))
+            .collect();
+        Err(invalid(
+            "--pool",
+            format!(
+                "names a pool that is not configured; configured: {}",
+                configured.join(", ")
+            ),
+        ))
     }
 
     /// `run --until-empty` needs long polls: a short poll (wait 0) samples
@@ -231,6 +274,64 @@ impl Settings {
                 "is required when `cognito.action` is `admin_reset_user_password`",
             ));
         }
+        self.validate_pools()
+    }
+
+    /// The named pools: names, keys, and what their action needs. The
+    /// `default` pool is the top level, checked above.
+    fn validate_pools(&self) -> Result<(), ConfigError> {
+        for (name, p) in &self.cognito.pools {
+            let pool_err = |key: &'static str, problem: &str| ConfigError::InvalidPool {
+                pool: name.clone(),
+                key,
+                problem: problem.to_owned(),
+            };
+            if name == DEFAULT_POOL {
+                return Err(invalid(
+                    "cognito.pools.default",
+                    "is not allowed: the top-level `cognito.*` keys are the pool named \
+                     `default`; give this pool another name",
+                ));
+            }
+            if !is_pool_name(name) {
+                return Err(invalid(
+                    "cognito.pools",
+                    format!(
+                        "has a pool whose name is not 1-{MAX_POOL_NAME_CHARS} characters \
+                         of a-z, 0-9, `_` and `-`: `{}`",
+                        name.escape_debug()
+                    ),
+                ));
+            }
+            if p.client_id.trim().is_empty() {
+                return Err(pool_err("client_id", "must not be empty"));
+            }
+            if p.client_secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret().is_empty())
+            {
+                return Err(pool_err("client_secret", "must not be empty when set"));
+            }
+            if p.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+                return Err(pool_err("region", "must not be empty when set"));
+            }
+            if let Some(url) = &p.endpoint_url
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                return Err(pool_err("endpoint_url", "must be an http(s) URL"));
+            }
+            let action = p.action.unwrap_or(self.cognito.action);
+            if action == Action::AdminResetUserPassword
+                && p.user_pool_id
+                    .as_deref()
+                    .is_none_or(|id| id.trim().is_empty())
+            {
+                return Err(pool_err(
+                    "user_pool_id",
+                    "is required when the pool's action is `admin_reset_user_password`",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -246,6 +347,27 @@ impl Settings {
     pub fn visibility_timeout(&self) -> Duration {
         Duration::from_secs(self.sqs.visibility_timeout_seconds)
     }
+}
+
+/// Reads a client secret file; trailing whitespace (the newline an editor
+/// or `kubectl create secret --from-file` leaves) is not part of the secret.
+fn read_secret_file(key: String, path: std::path::PathBuf) -> Result<SecretString, ConfigError> {
+    let raw = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+        key,
+        path,
+        source,
+    })?;
+    Ok(SecretString::from(raw.trim_end().to_owned()))
+}
+
+/// A pool name: 1-64 characters of `a-z`, `0-9`, `_` and `-`. Lower case
+/// only, because figment lower-cases environment keys: a pool named `EU`
+/// could never be reached by `RESET_WORKER_COGNITO__POOLS__EU__*`.
+pub fn is_pool_name(name: &str) -> bool {
+    (1..=MAX_POOL_NAME_CHARS).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
@@ -484,6 +606,202 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("`dedup`") && err.contains("[ledger]"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_pool_inherits_action_and_region() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                &format!(
+                    "{REQUIRED}action = \"admin_reset_user_password\"\nuser_pool_id = \"us-east-1_top\"\n\
+                     [cognito.pools.b]\nclient_id = \"client-b\"\nuser_pool_id = \"eu-west-1_b\"\n\
+                     [cognito.pools.eu-2]\nclient_id = \"client-eu\"\nregion = \"eu-west-2\"\n\
+                     action = \"forgot_password\"\nendpoint_url = \"http://127.0.0.1:9\"\n"
+                ),
+            )?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            let pools = s.cognito.all_pools();
+            let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["default", "b", "eu-2"]);
+            assert_eq!(pools[0].client_id, "client-1");
+            assert_eq!(pools[0].action, Action::AdminResetUserPassword);
+            // `b` sets neither: the top level's action, the SDK's Region.
+            assert_eq!(pools[1].client_id, "client-b");
+            assert_eq!(pools[1].action, Action::AdminResetUserPassword);
+            assert_eq!(pools[1].region, None);
+            assert_eq!(pools[1].endpoint_url, None);
+            assert_eq!(pools[1].user_pool_id.as_deref(), Some("eu-west-1_b"));
+            assert!(pools[1].client_secret.is_none());
+            assert_eq!(pools[2].action, Action::ForgotPassword);
+            assert_eq!(pools[2].region.as_deref(), Some("eu-west-2"));
+            assert_eq!(pools[2].endpoint_url.as_deref(), Some("http://127.0.0.1:9"));
+            assert!(s.cognito.has_pool("b") && s.cognito.has_pool("default"));
+            assert!(!s.cognito.has_pool("nope"));
+            assert!(s.check_pool("b").is_ok());
+            let err = s.check_pool("nope").unwrap_err().to_string();
+            assert!(err.contains("--pool") && err.contains("`b`"), "{err}");
+            // An inherited admin action needs the pool's own ID.
+            let err = load_err(
+                jail,
+                &format!(
+                    "{REQUIRED}action = \"admin_reset_user_password\"\nuser_pool_id = \"p\"\n\
+                     [cognito.pools.b]\nclient_id = \"client-b\"\n"
+                ),
+            );
+            assert!(err.contains("`cognito.pools.b.user_pool_id`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_pool_named_default_or_badly_is_rejected() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let err = load_err(
+                jail,
+                &format!("{REQUIRED}[cognito.pools.default]\nclient_id = \"x\"\n"),
+            );
+            assert!(err.contains("`cognito.pools.default`"), "{err}");
+            for name in ["B", "\"a b\"", "\"a.b\"", "\"\"", &"p".repeat(65), "\"é\""] {
+                let err = load_err(
+                    jail,
+                    &format!("{REQUIRED}[cognito.pools.{name}]\nclient_id = \"x\"\n"),
+                );
+                assert!(err.contains("`cognito.pools`"), "{name}: {err}");
+            }
+            let ok = "p".repeat(64);
+            jail.create_file(
+                "c.toml",
+                &format!("{REQUIRED}[cognito.pools.{ok}]\nclient_id = \"x\"\n"),
+            )?;
+            assert!(Settings::load(Some(Path::new("c.toml"))).is_ok());
+            // Unknown keys are errors in a pool too; client_id is required.
+            let err = load_err(
+                jail,
+                &format!(
+                    "{REQUIRED}[cognito.pools.b]\nclient_id = \"x\"\nclient_metadata = {{}}\n"
+                ),
+            );
+            assert!(err.contains("client_metadata"), "{err}");
+            let err = load_err(
+                jail,
+                &format!("{REQUIRED}[cognito.pools.b]\nregion = \"eu-west-1\"\n"),
+            );
+            assert!(err.contains("client_id"), "{err}");
+            let err = load_err(
+                jail,
+                &format!(
+                    "{REQUIRED}[cognito.pools.b]\nclient_id = \"x\"\nendpoint_url = \"localhost\"\n"
+                ),
+            );
+            assert!(err.contains("`cognito.pools.b.endpoint_url`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_pool_secret_inline_or_from_a_file_not_both() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("b-secret", "secret-b\n")?;
+            let pool = "[cognito.pools.b]\nclient_id = \"client-b\"\n";
+            jail.create_file(
+                "c.toml",
+                &format!("{REQUIRED}{pool}client_secret_file = \"b-secret\"\n"),
+            )?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            let b = &s.cognito.all_pools()[1];
+            assert_eq!(
+                b.client_secret.as_ref().map(|s| s.expose_secret()),
+                Some("secret-b")
+            );
+            assert!(!format!("{s:?}").contains("secret-b"));
+            let err = load_err(
+                jail,
+                &format!(
+                    "{REQUIRED}{pool}client_secret = \"x\"\nclient_secret_file = \"b-secret\"\n"
+                ),
+            );
+            assert!(
+                err.contains("`cognito.pools.b.client_secret_file`"),
+                "{err}"
+            );
+            // The env var's secret and the file's are both forms too.
+            jail.set_env("RESET_WORKER_COGNITO__POOLS__B__CLIENT_SECRET", "inline");
+            let err = load_err(
+                jail,
+                &format!("{REQUIRED}{pool}client_secret_file = \"b-secret\"\n"),
+            );
+            assert!(
+                err.contains("`cognito.pools.b.client_secret_file`"),
+                "{err}"
+            );
+            let err = load_err(
+                jail,
+                &format!("{REQUIRED}{pool}client_secret_file = \"missing\"\n"),
+            );
+            assert!(err.contains("cognito.pools.b.client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_pool_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", REQUIRED)?;
+            jail.set_env("RESET_WORKER_COGNITO__POOLS__B__CLIENT_ID", "client-b-env");
+            jail.set_env("RESET_WORKER_COGNITO__POOLS__B__REGION", "eu-west-1");
+            // Verbatim, like the top level's: a numeric secret stays a string.
+            jail.set_env(
+                "RESET_WORKER_COGNITO__POOLS__B__CLIENT_SECRET",
+                "1234567890123456789",
+            );
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            let pools = s.cognito.all_pools();
+            assert_eq!(pools.len(), 2);
+            assert_eq!(pools[1].name, "b");
+            assert_eq!(pools[1].client_id, "client-b-env");
+            assert_eq!(pools[1].region.as_deref(), Some("eu-west-1"));
+            assert_eq!(
+                pools[1].client_secret.as_ref().map(|s| s.expose_secret()),
+                Some("1234567890123456789")
+            );
+            // `reset-worker config` shows the pool, its secret redacted, and
+            // where the secret came from.
+            let lines = s.explain(Some(Path::new("c.toml")));
+            let line = |key: &str| lines.iter().find(|l| l.key == key).cloned();
+            let secret = line("cognito.pools.b.client_secret").unwrap();
+            assert_eq!(secret.value, "\"[redacted]\"");
+            assert!(
+                secret
+                    .source
+                    .contains("RESET_WORKER_COGNITO__POOLS__B__CLIENT_SECRET")
+            );
+            assert_eq!(
+                line("cognito.pools.b.client_id").unwrap().value,
+                "\"client-b-env\""
+            );
+            assert!(!format!("{lines:?}").contains("1234567890123456789"));
+            // An unset action shows the one in force.
+            let action = line("cognito.pools.b.action").unwrap();
+            assert_eq!(action.value, "\"forgot_password\"");
+            assert!(
+                action.source.contains("follows cognito.action"),
+                "{action:?}"
+            );
+            // A secret alone, for a pool with no client_id, never echoes it.
+            jail.set_env("RESET_WORKER_COGNITO__POOLS__B__CLIENT_ID", "");
+            jail.set_env(
+                "RESET_WORKER_COGNITO__POOLS__C__CLIENT_SECRET",
+                "9876543210987654321",
+            );
+            let err = load_err(jail, REQUIRED);
+            assert!(!err.contains("9876543210987654321"), "{err}");
             Ok(())
         });
     }

@@ -15,6 +15,7 @@ mod explain;
 mod load;
 
 pub use explain::Explained;
+pub use load::is_pool_name;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,9 +45,34 @@ const ENV_SECRETS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The `RESET_WORKER_*` layer, without the secrets (see [`ENV_SECRETS`]).
+/// A named pool's secret in the environment:
+/// `RESET_WORKER_COGNITO__POOLS__<NAME>__CLIENT_SECRET`, taken verbatim like
+/// [`ENV_SECRETS`]. These two parts surround the name.
+const ENV_POOL_SECRET: (&str, &str) = ("RESET_WORKER_COGNITO__POOLS__", "__CLIENT_SECRET");
+
+/// The pool named by a `RESET_WORKER_COGNITO__POOLS__<NAME>__CLIENT_SECRET`
+/// variable, lower-cased as figment lower-cases every other key; `None` for
+/// any other variable.
+fn env_pool_secret_name(var: &str) -> Option<String> {
+    let name = var
+        .strip_prefix(ENV_POOL_SECRET.0)?
+        .strip_suffix(ENV_POOL_SECRET.1)?;
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+/// Every pool secret set through the environment: (pool name, variable).
+fn env_pool_secrets() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(var, _)| var.into_string().ok())
+        .filter_map(|var| env_pool_secret_name(&var).map(|name| (name, var)))
+        .collect()
+}
+
+/// The `RESET_WORKER_*` layer, without the secrets (see [`ENV_SECRETS`] and
+/// [`ENV_POOL_SECRET`]).
 fn env_layer() -> figment::providers::Env {
-    // `ignore` runs after `split`, on the dotted, case-insensitive key.
+    // `ignore` and `filter` run after `split`, on the dotted,
+    // case-insensitive key.
     let ignored: Vec<&str> = ENV_NOT_KEYS
         .iter()
         .copied()
@@ -55,6 +81,10 @@ fn env_layer() -> figment::providers::Env {
     figment::providers::Env::prefixed(ENV_PREFIX)
         .split("__")
         .ignore(&ignored)
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            !(key.starts_with("cognito.pools.") && key.ends_with(".client_secret"))
+        })
 }
 
 /// SQS names every FIFO queue (and so its URL) with the `.fifo` suffix.
@@ -71,8 +101,18 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
-    #[error("cannot read `cognito.client_secret_file` {path}: {source}")]
+    /// A key of one named pool, `cognito.pools.<pool>.<key>`: its name is
+    /// only known at run time.
+    #[error("invalid configuration: `cognito.pools.{pool}.{key}` {problem}")]
+    InvalidPool {
+        pool: String,
+        key: &'static str,
+        problem: String,
+    },
+    #[error("cannot read `{key}` {path}: {source}")]
     SecretFile {
+        /// `cognito.client_secret_file` or `cognito.pools.<pool>.client_secret_file`.
+        key: String,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -258,8 +298,153 @@ pub struct CognitoSettings {
     pub user_pool_id: Option<String>,
     /// Time limit for one ForgotPassword call, 1–300 s. A call that takes
     /// longer counts as a retryable error, so a hung call never holds a slot.
+    /// For every pool.
     #[serde(default = "defaults::request_timeout_seconds")]
     pub request_timeout_seconds: u64,
+    /// Further user pools, by name (`[cognito.pools.NAME]`): a job names its
+    /// pool in its `pool` field. The keys above are the pool named
+    /// `default`, so that name is taken. Names: 1–64 characters of
+    /// `a-z`, `0-9`, `_` and `-` (lower case: environment variables reach a
+    /// pool by its name, and figment lower-cases them).
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolSettings>,
+}
+
+/// The name of the pool the top-level `cognito.*` keys define, and of the
+/// pool a job without a `pool` field goes to.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The longest pool name.
+pub const MAX_POOL_NAME_CHARS: usize = 64;
+
+/// One named user pool, `[cognito.pools.NAME]`. `client_metadata` and
+/// `request_timeout_seconds` are the top level's, for every pool.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// This pool's app client ID, passed as `ClientId`. Required.
+    pub client_id: String,
+    /// This pool's app client secret; its calls carry a `SecretHash` made
+    /// with it. Never logged.
+    #[serde(default, serialize_with = "redacted")]
+    pub client_secret: Option<SecretString>,
+    /// File holding this pool's app client secret; trailing whitespace is
+    /// ignored. Mutually exclusive with `client_secret`. Re-read when it
+    /// changes, like the top level's.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// This pool's ID. Required when its action is
+    /// `admin_reset_user_password`; used by `preflight`.
+    #[serde(default)]
+    pub user_pool_id: Option<String>,
+    /// The pool's AWS Region, e.g. `eu-west-1`. Unset: the SDK's Region
+    /// (`AWS_REGION`, the profile, …), as for the `default` pool.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `forgot_password` or `admin_reset_user_password`. Unset:
+    /// `cognito.action`.
+    #[serde(default)]
+    pub action: Option<Action>,
+    /// Cognito endpoint for this pool only, e.g. an emulator. Unset: the
+    /// SDK's (`AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER`, or AWS's own).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+impl PartialEq for PoolSettings {
+    fn eq(&self, other: &Self) -> bool {
+        same_secret(&self.client_secret, &other.client_secret)
+            && self.client_id == other.client_id
+            && self.client_secret_file == other.client_secret_file
+            && self.user_pool_id == other.user_pool_id
+            && self.region == other.region
+            && self.action == other.action
+            && self.endpoint_url == other.endpoint_url
+    }
+}
+
+impl std::fmt::Debug for PoolSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSettings")
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("user_pool_id", &self.user_pool_id)
+            .field("region", &self.region)
+            .field("action", &self.action)
+            .field("endpoint_url", &self.endpoint_url)
+            .finish()
+    }
+}
+
+/// One pool with every default filled in: the `default` pool from the top
+/// level, or a named one with what it inherits.
+#[derive(Clone)]
+pub struct Pool {
+    pub name: String,
+    pub client_id: String,
+    /// Resolved: read from `client_secret_file` when that is set.
+    pub client_secret: Option<SecretString>,
+    pub client_secret_file: Option<PathBuf>,
+    pub user_pool_id: Option<String>,
+    /// `None`: the SDK's Region.
+    pub region: Option<String>,
+    pub action: Action,
+    /// `None`: the SDK's endpoint.
+    pub endpoint_url: Option<String>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("user_pool_id", &self.user_pool_id)
+            .field("region", &self.region)
+            .field("action", &self.action)
+            .field("endpoint_url", &self.endpoint_url)
+            .finish()
+    }
+}
+
+impl CognitoSettings {
+    /// Every configured pool, `default` first, then the named ones by name,
+    /// with what they inherit filled in.
+    pub fn all_pools(&self) -> Vec<Pool> {
+        let default = Pool {
+            name: DEFAULT_POOL.to_owned(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            client_secret_file: self.client_secret_file.clone(),
+            user_pool_id: self.user_pool_id.clone(),
+            region: None,
+            action: self.action,
+            endpoint_url: None,
+        };
+        let named = self.pools.iter().map(|(name, p)| Pool {
+            name: name.clone(),
+            client_id: p.client_id.clone(),
+            client_secret: p.client_secret.clone(),
+            client_secret_file: p.client_secret_file.clone(),
+            user_pool_id: p.user_pool_id.clone(),
+            region: p.region.clone(),
+            action: p.action.unwrap_or(self.action),
+            endpoint_url: p.endpoint_url.clone(),
+        });
+        std::iter::once(default).chain(named).collect()
+    }
+
+    /// True when `name` is a configured pool (`default` always is).
+    pub fn has_pool(&self, name: &str) -> bool {
+        name == DEFAULT_POOL || self.pools.contains_key(name)
+    }
 }
 
 /// Secrets compare by value: a changed secret is a changed setting.
@@ -280,6 +465,7 @@ impl PartialEq for CognitoSettings {
             && self.action == other.action
             && self.user_pool_id == other.user_pool_id
             && self.request_timeout_seconds == other.request_timeout_seconds
+            && self.pools == other.pools
     }
 }
 
@@ -302,6 +488,7 @@ impl std::fmt::Debug for CognitoSettings {
             .field("action", &self.action)
             .field("user_pool_id", &self.user_pool_id)
             .field("request_timeout_seconds", &self.request_timeout_seconds)
+            .field("pools", &self.pools)
             .finish()
     }
 }

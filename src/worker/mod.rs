@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::cognito::{CallError, Cognito, SharedSecret};
+use std::collections::BTreeMap;
+
+use crate::aws::cognito::{CallError, Pools, SharedSecret};
 use crate::aws::deleter::{Batcher, Deleter};
 use crate::aws::sqs::{Queue, QueueError};
 use crate::config::{OnUncertain, RetrySettings, Scope, Settings, is_fifo};
@@ -63,7 +65,8 @@ pub enum WorkerError {
 #[derive(Clone)]
 pub struct Live {
     pub limiter: Arc<RateLimiter>,
-    pub secret: SharedSecret,
+    /// Every pool's client secret, by pool name (`default` too).
+    pub secrets: BTreeMap<String, SharedSecret>,
 }
 
 /// How the run ends besides a signal.
@@ -79,8 +82,10 @@ struct Shared {
     queue: Arc<Queue>,
     /// Hands finished messages to the delete batcher.
     deleter: Deleter,
-    cognito: Cognito,
-    /// Process-wide cap on Cognito calls; every attempt waits here first.
+    /// Every configured user pool; a job names its own.
+    pools: Pools,
+    /// Process-wide cap on Cognito calls, for every pool together; every
+    /// attempt waits here first.
     /// Shared with the config watcher, which changes its limits live.
     limiter: Arc<RateLimiter>,
     hasher: UserHasher,
@@ -211,7 +216,7 @@ impl Worker {
         let shared = Shared {
             queue,
             deleter,
-            cognito: Cognito::new(cognito, &settings.cognito),
+            pools: Pools::new(&cognito, &settings.cognito),
             limiter: Arc::new(RateLimiter::new((&settings.limits).into())),
             ledger,
             on_uncertain: settings.ledger.on_uncertain,
@@ -248,7 +253,7 @@ impl Worker {
         let shared = &self.listener.shared;
         Live {
             limiter: shared.limiter.clone(),
-            secret: shared.cognito.secret(),
+            secrets: shared.pools.secrets(),
         }
     }
 

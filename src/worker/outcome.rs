@@ -60,6 +60,8 @@ pub struct Report<'a> {
     pub outcome: &'a Outcome,
     pub message_id: &'a str,
     pub campaign_id: Option<&'a str>,
+    /// The job's user pool; `None` when the body did not parse.
+    pub pool: Option<&'a str>,
     /// Keyed hash of the username; `None` when the body did not parse.
     pub user: Option<&'a str>,
     pub attempts: u32,
@@ -148,6 +150,7 @@ impl Tally {
                     outcome = r.outcome.label(),
                     reason = r.outcome.reason(),
                     campaign_id = r.campaign_id.unwrap_or("-"),
+                    pool = r.pool.unwrap_or("-"),
                     message_id = r.message_id,
                     user = r.user.unwrap_or("-"),
                     error_code = r.last_error.map(ErrorCode::as_str).unwrap_or("none"),

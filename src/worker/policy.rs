@@ -163,6 +163,17 @@ pub fn unparsable(err: &JobError) -> Outcome {
     }
 }
 
+/// The job names a pool that is not configured (`cognito.pools`): no
+/// worker with this configuration can serve it, so it is rejected, uncalled
+/// and unclaimed. The detail names the pool (a configured name, not personal
+/// data) for the dead-letter attribute.
+pub fn unknown_pool(name: &str) -> Outcome {
+    Outcome::Rejected {
+        reason: "unknown_pool",
+        detail: format!("pool `{name}` is not configured"),
+    }
+}
+
 /// The ledger says a code was already sent to the user in this campaign.
 pub fn already_sent() -> Outcome {
     Outcome::Skipped {
@@ -543,6 +554,9 @@ mod tests {
         let o = unparsable(&err);
         assert_eq!((o.label(), o.reason()), ("rejected", "invalid_json"));
         assert_eq!(already_sent().label(), "skipped");
+        let o = unknown_pool("nope");
+        assert_eq!((o.label(), o.reason()), ("rejected", "unknown_pool"));
+        assert_eq!(ledger_state(&o), (State::Rejected, "unknown_pool"));
         let o = claimed_elsewhere(Duration::from_secs(60));
         assert_eq!((o.label(), o.reason()), ("deferred", "claimed_elsewhere"));
         assert_eq!(released("paused").reason(), "paused");

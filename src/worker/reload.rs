@@ -6,8 +6,9 @@
 //! swaps, so the watcher polls the files' contents instead: cheap at one read
 //! every couple of seconds, and correct for every kind of update.
 //!
-//! Applied live: `limits.max_rps` (0 pauses), `limits.burst`, and the client
-//! secret from `cognito.client_secret_file`. Any other change is logged as
+//! Applied live: `limits.max_rps` (0 pauses), `limits.burst`, and every
+//! pool's client secret from its `client_secret_file`
+//! (`cognito.client_secret_file`, `cognito.pools.NAME.client_secret_file`). Any other change is logged as
 //! needing a restart. An invalid edit is rejected with one log line and the
 //! old values stay in force.
 
@@ -26,14 +27,15 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// The files that make up the configuration, and their last contents.
 struct Watched {
     config: PathBuf,
-    secret_file: Option<PathBuf>,
+    /// Every pool's secret file, as the worker started.
+    secret_files: Vec<PathBuf>,
     last: Vec<Option<Vec<u8>>>,
 }
 
 impl Watched {
     fn read(&self) -> Vec<Option<Vec<u8>>> {
         std::iter::once(&self.config)
-            .chain(self.secret_file.as_ref())
+            .chain(&self.secret_files)
             .map(|p| std::fs::read(p).ok())
             .collect()
     }
@@ -49,7 +51,12 @@ pub async fn watch(
     stop: CancellationToken,
 ) {
     let mut watched = Watched {
-        secret_file: current.cognito.client_secret_file.clone(),
+        secret_files: current
+            .cognito
+            .all_pools()
+            .into_iter()
+            .filter_map(|p| p.client_secret_file)
+            .collect(),
         config,
         last: Vec::new(),
     };
@@ -94,7 +101,7 @@ pub async fn watch(
                     restart_needed_logged = true;
                     tracing::warn!(
                         "config file changed keys that apply only after a restart \
-                         (anything but limits.max_rps, limits.burst and the secret file)"
+                         (anything but limits.max_rps, limits.burst and the secret files)"
                     );
                 }
             }
@@ -102,11 +109,18 @@ pub async fn watch(
     }
 }
 
+/// Every running pool's secret, from the new settings. A pool added or
+/// removed by the edit is left to the restart warning.
 fn update_secret(live: &Live, new: &Settings) {
-    let mut slot = live.secret.write().unwrap_or_else(|e| e.into_inner());
-    if !same_secret(&slot, &new.cognito.client_secret) {
-        *slot = new.cognito.client_secret.clone();
-        tracing::info!("client secret reloaded");
+    for pool in new.cognito.all_pools() {
+        let Some(secret) = live.secrets.get(&pool.name) else {
+            continue;
+        };
+        let mut slot = secret.write().unwrap_or_else(|e| e.into_inner());
+        if !same_secret(&slot, &pool.client_secret) {
+            *slot = pool.client_secret.clone();
+            tracing::info!(pool = %pool.name, "client secret reloaded");
+        }
     }
 }
 
@@ -118,6 +132,11 @@ fn needs_restart(old: &Settings, new: &Settings) -> bool {
     comparable.limits.max_rps = old.limits.max_rps;
     comparable.limits.burst = old.limits.burst;
     comparable.cognito.client_secret = old.cognito.client_secret.clone();
+    for (name, pool) in &mut comparable.cognito.pools {
+        if let Some(old_pool) = old.cognito.pools.get(name) {
+            pool.client_secret = old_pool.client_secret.clone();
+        }
+    }
     *old != comparable
 }
 
@@ -144,6 +163,22 @@ mod tests {
         assert!(!needs_restart(&old, &new), "live keys only");
         new.limits.concurrency += 1;
         assert!(needs_restart(&old, &new), "concurrency");
+        // A pool's rotated secret is live; a new pool is not.
+        let mut old = settings();
+        old.cognito.pools.insert(
+            "b".into(),
+            serde_json::from_value(serde_json::json!({"client_id": "cb"})).unwrap(),
+        );
+        let mut new = old.clone();
+        if let Some(b) = new.cognito.pools.get_mut("b") {
+            b.client_secret = Some(SecretString::from("rotated-b"));
+        }
+        assert!(!needs_restart(&old, &new), "a pool's secret only");
+        new.cognito.pools.insert(
+            "c".into(),
+            serde_json::from_value(serde_json::json!({"client_id": "cc"})).unwrap(),
+        );
+        assert!(needs_restart(&old, &new), "a new pool");
         let mut new = old.clone();
         new.logging.username_hash_key = Some(SecretString::from("other"));
         assert!(needs_restart(&old, &new), "hash key");

@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::outcome::{Outcome, Report};
 use super::policy::{self, Step};
-use crate::aws::cognito::ErrorCode;
+use crate::aws::cognito::{Cognito, ErrorCode};
 use crate::aws::resend::DeadLettered;
 use crate::aws::sqs::ReceivedMessage;
 use crate::backoff::Backoff;
-use crate::config::OnUncertain;
+use crate::config::{DEFAULT_POOL, OnUncertain};
 use crate::job::ResetJob;
 use crate::ledger::{Claim, DEFAULT_CAMPAIGN, Final, Key, Owner};
 use crate::telemetry;
@@ -50,6 +50,7 @@ pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: Owne
         outcome: &outcome,
         message_id: &msg.message_id,
         campaign_id: decided.campaign_id.as_deref(),
+        pool: decided.pool.as_deref(),
         user: decided.user.as_deref(),
         attempts: decided.attempts,
         receive_count: msg.receive_count,
@@ -62,6 +63,9 @@ pub(super) async fn run(shared: Arc<Shared>, msg: ReceivedMessage, _permit: Owne
 struct Decided {
     outcome: Outcome,
     campaign_id: Option<String>,
+    /// The job's pool (`default` without the field); `None` when the body
+    /// did not parse.
+    pool: Option<String>,
     /// Keyed hash of the username; `None` when the body did not parse.
     user: Option<String>,
     attempts: u32,
@@ -150,6 +154,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
             return Decided {
                 outcome: policy::unparsable(&err),
                 campaign_id: None,
+                pool: None,
                 user: None,
                 attempts: 0,
                 last_error: None,
@@ -160,6 +165,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
     let decided = |called: Called| Decided {
         outcome: called.outcome,
         campaign_id: job.campaign_id.clone(),
+        pool: Some(job.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_owned())),
         user: user.clone(),
         attempts: called.attempts,
         last_error: called.last_error,
@@ -170,6 +176,13 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
     {
         return decided(Called::without_call(policy::not_due(remaining)));
     }
+    // Before the claim: a job for a pool this worker does not know can
+    // never succeed here, and leaves no trace in the ledger.
+    let Some(cognito) = shared.pools.get(job.pool.as_deref()) else {
+        return decided(Called::without_call(policy::unknown_pool(
+            job.pool.as_deref().unwrap_or_default(),
+        )));
+    };
     let key = Key {
         campaign: job.campaign_id.as_deref().unwrap_or(DEFAULT_CAMPAIGN),
         username: job.username.expose(),
@@ -196,13 +209,13 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
         owner.clone(),
     ));
     let called = if taken_over {
-        after_uncertain_claim(shared, &job, user.as_deref()).await
+        after_uncertain_claim(shared, cognito, &job, user.as_deref()).await
     } else {
         None
     };
     let called = match called {
         Some(called) => called,
-        None => call_until_decided(shared, &job).await,
+        None => call_until_decided(shared, cognito, &job).await,
     };
     let (state, reason) = policy::ledger_state(&called.outcome);
     let done = Final {
@@ -220,10 +233,11 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
 /// `ledger.on_uncertain` decides. `None`: call again.
 async fn after_uncertain_claim(
     shared: &Shared,
+    cognito: &Cognito,
     job: &ResetJob,
     user: Option<&str>,
 ) -> Option<Called> {
-    if shared.cognito.reset_already_done(job).await == Some(true) {
+    if cognito.reset_already_done(job).await == Some(true) {
         tracing::info!(
             user,
             "earlier claim expired mid-call; the user is already RESET_REQUIRED, so not called again"
@@ -284,8 +298,9 @@ async fn record(shared: &Shared, key: Key<'_>, owner: &Owner, done: Final<'_>, m
     }
 }
 
-/// The call loop: wait for the rate cap, call, ask the policy, back off.
-async fn call_until_decided(shared: &Shared, job: &ResetJob) -> Called {
+/// The call loop: wait for the rate cap (one for every pool), call the
+/// job's pool, ask the policy, back off.
+async fn call_until_decided(shared: &Shared, cognito: &Cognito, job: &ResetJob) -> Called {
     let mut backoff = Backoff::for_jobs(&shared.retry);
     let mut attempts = 0;
     let mut last_error = None;
@@ -301,7 +316,7 @@ async fn call_until_decided(shared: &Shared, job: &ResetJob) -> Called {
         // Not cancellable: once sent, the call's result must be applied, or
         // a sent email could be followed by a redelivery and a second one.
         let call_started = Instant::now();
-        let result = shared.cognito.reset(job).await;
+        let result = cognito.reset(job).await;
         match &result {
             Err(err) if err.code == ErrorCode::TooManyRequests => {
                 last_error = Some(err.code);

@@ -20,7 +20,7 @@
 //!   (`AWSCognitoIdentityProviderService.ForgotPassword`): answers after a
 //!   fixed latency, behind an optional token bucket that answers
 //!   `TooManyRequestsException` when empty. Every accepted call's arrival
-//!   time and username is recorded.
+//!   time, username, `ClientId` and `SecretHash` is recorded.
 //! * Anything else: 400 `UnknownOperationException`.
 //!
 //! Field names follow the SDK's own (de)serializers
@@ -272,7 +272,26 @@ struct CognitoState {
     refilled: Instant,
     accepted_at: Vec<Instant>,
     accepted_users: Vec<String>,
+    /// `(Username, ClientId, SecretHash)` of every accepted call.
+    accepted_calls: Vec<AcceptedCall>,
     throttled_at: Vec<Instant>,
+}
+
+/// What an accepted ForgotPassword call carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedCall {
+    pub username: String,
+    pub client_id: String,
+    /// `None` when the call had no `SecretHash`.
+    pub secret_hash: Option<String>,
+}
+
+/// A message on one of the fake's queues, as it stands.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub body: String,
+    /// `MessageAttributes` as sent (`{"name": {"DataType", "StringValue"}}`).
+    pub attributes: Option<Value>,
 }
 
 struct Shared {
@@ -395,6 +414,7 @@ impl FakeAws {
                 refilled: Instant::now(),
                 accepted_at: Vec::new(),
                 accepted_users: Vec::new(),
+                accepted_calls: Vec::new(),
                 throttled_at: Vec::new(),
             }),
             counters: Counters::default(),
@@ -492,6 +512,29 @@ impl FakeAws {
     /// Usernames of accepted ForgotPassword calls, in arrival order.
     pub fn accepted_usernames(&self) -> Vec<String> {
         lock(&self.shared.cognito).accepted_users.clone()
+    }
+
+    /// Every accepted ForgotPassword call's username, `ClientId` and
+    /// `SecretHash`, in arrival order.
+    pub fn accepted_calls(&self) -> Vec<AcceptedCall> {
+        lock(&self.shared.cognito).accepted_calls.clone()
+    }
+
+    /// The messages on `queue` ([`MAIN_QUEUE`], [`DEAD_LETTER_QUEUE`]), visible
+    /// or not, oldest first (in process: not counted).
+    pub fn messages(&self, queue: &str) -> Vec<QueuedMessage> {
+        let queues = lock(&self.shared.queues);
+        let Some(q) = queues.by_name.get(queue) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&u64> = q.msgs.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|k| QueuedMessage {
+                body: q.msgs[k].body.clone(),
+                attributes: q.msgs[k].attributes.clone(),
+            })
+            .collect()
     }
 
     /// Arrival times of throttled ForgotPassword calls, in order.
@@ -1105,7 +1148,7 @@ fn cognito_error(code: &str, message: &str) -> Response {
 
 async fn forgot_password(shared: &Shared, input: &Value) -> Response {
     let arrival = Instant::now();
-    let (Some(_client_id), Some(username)) = (
+    let (Some(client_id), Some(username)) = (
         str_field(input, "ClientId").filter(|s| !s.is_empty()),
         str_field(input, "Username").filter(|s| !s.is_empty()),
     ) else {
@@ -1134,6 +1177,11 @@ async fn forgot_password(shared: &Shared, input: &Value) -> Response {
         if ok {
             c.accepted_at.push(arrival);
             c.accepted_users.push(username.to_owned());
+            c.accepted_calls.push(AcceptedCall {
+                username: username.to_owned(),
+                client_id: client_id.to_owned(),
+                secret_hash: str_field(input, "SecretHash").map(str::to_owned),
+            });
         } else {
             c.throttled_at.push(arrival);
         }
