@@ -183,4 +183,48 @@ mod tests {
         new.logging.username_hash_key = Some(SecretString::from("other"));
         assert!(needs_restart(&old, &new), "hash key");
     }
+
+    #[test]
+    fn every_pools_secret_is_replaced_in_place() {
+        use secrecy::ExposeSecret;
+        use std::collections::BTreeMap;
+        use std::sync::{Arc, RwLock};
+
+        let mut old = settings();
+        old.cognito.client_secret = Some(SecretString::from("top-1"));
+        old.cognito.pools.insert(
+            "b".into(),
+            serde_json::from_value(serde_json::json!({"client_id": "cb", "client_secret": "b-1"}))
+                .unwrap(),
+        );
+        // The slots the worker's calls read, as `Pools::secrets` hands them out.
+        let secrets: BTreeMap<String, crate::aws::cognito::SharedSecret> = old
+            .cognito
+            .all_pools()
+            .into_iter()
+            .map(|p| (p.name, Arc::new(RwLock::new(p.client_secret))))
+            .collect();
+        let live = Live {
+            limiter: Arc::new(crate::rate::RateLimiter::new((&old.limits).into())),
+            secrets: secrets.clone(),
+        };
+        let read = |name: &str| {
+            secrets[name]
+                .read()
+                .unwrap()
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned())
+        };
+        let mut new = old.clone();
+        if let Some(b) = new.cognito.pools.get_mut("b") {
+            b.client_secret = Some(SecretString::from("b-2"));
+        }
+        update_secret(&live, &new);
+        assert_eq!(read("b").as_deref(), Some("b-2"));
+        assert_eq!(read("default").as_deref(), Some("top-1"));
+        new.cognito.client_secret = Some(SecretString::from("top-2"));
+        update_secret(&live, &new);
+        assert_eq!(read("default").as_deref(), Some("top-2"));
+        assert_eq!(read("b").as_deref(), Some("b-2"));
+    }
 }
