@@ -53,6 +53,7 @@ impl Settings {
             ));
         }
         let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.check_pool_names()?;
         settings.resolve_secret_file()?;
         settings.validate()?;
         Ok(settings)
@@ -277,15 +278,10 @@ impl Settings {
         self.validate_pools()
     }
 
-    /// The named pools: names, keys, and what their action needs. The
-    /// `default` pool is the top level, checked above.
-    fn validate_pools(&self) -> Result<(), ConfigError> {
-        for (name, p) in &self.cognito.pools {
-            let pool_err = |key: &'static str, problem: &str| ConfigError::InvalidPool {
-                pool: name.clone(),
-                key,
-                problem: problem.to_owned(),
-            };
+    /// The named pools' names, checked first: before a pool's secret file
+    /// is read, and before an error could quote a name that is not one.
+    fn check_pool_names(&self) -> Result<(), ConfigError> {
+        for name in self.cognito.pools.keys() {
             if name == DEFAULT_POOL {
                 return Err(invalid(
                     "cognito.pools.default",
@@ -303,6 +299,19 @@ impl Settings {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The named pools' keys, and what their action needs. The `default`
+    /// pool is the top level, checked above.
+    fn validate_pools(&self) -> Result<(), ConfigError> {
+        for (name, p) in &self.cognito.pools {
+            let pool_err = |key: &'static str, problem: &str| ConfigError::InvalidPool {
+                pool: name.clone(),
+                key,
+                problem: problem.to_owned(),
+            };
             if p.client_id.trim().is_empty() {
                 return Err(pool_err("client_id", "must not be empty"));
             }
@@ -363,7 +372,7 @@ fn read_secret_file(key: String, path: std::path::PathBuf) -> Result<SecretStrin
 /// A pool name: 1-64 characters of `a-z`, `0-9`, `_` and `-`. Lower case
 /// only, because figment lower-cases environment keys: a pool named `EU`
 /// could never be reached by `RESET_WORKER_COGNITO__POOLS__EU__*`.
-pub fn is_pool_name(name: &str) -> bool {
+fn is_pool_name(name: &str) -> bool {
     (1..=MAX_POOL_NAME_CHARS).contains(&name.len())
         && name
             .bytes()

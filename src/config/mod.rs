@@ -15,7 +15,6 @@ mod explain;
 mod load;
 
 pub use explain::Explained;
-pub use load::is_pool_name;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -17,12 +17,11 @@ pub mod policy;
 pub mod reload;
 mod task;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-
-use std::collections::BTreeMap;
 
 use crate::aws::cognito::{CallError, Pools, SharedSecret};
 use crate::aws::deleter::{Batcher, Deleter};

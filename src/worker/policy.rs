@@ -3,11 +3,12 @@
 //! [`classify`] says what a Cognito failure means; [`after_call`] turns a
 //! call's result and the attempt count into the next step (call again after
 //! a backoff, halt the campaign, or a final [`Outcome`]); the few outcomes
-//! decided without a call ([`unparsable`], [`already_sent`], [`released`],
-//! [`dead_letter_failed`], …) are made here too, and [`ledger_state`] says
-//! what the ledger records for each outcome. The worker's task asks; it
-//! never matches on an error code itself. The docs' outcome table
-//! (docs/outcomes.md) is the table-driven test at the bottom of this file.
+//! decided without a call ([`unparsable`], [`unknown_pool`], [`already_sent`],
+//! [`released`], [`dead_letter_failed`], …) are made here too, and
+//! [`ledger_state`] says what the ledger records for each outcome. The
+//! worker's task asks; it never matches on an error code itself. The docs'
+//! outcome table (docs/outcomes.md) is the table-driven test at the bottom of
+//! this file.
 
 use std::time::Duration;
 
