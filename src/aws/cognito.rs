@@ -495,6 +495,49 @@ mod tests {
     }
 
     #[test]
+    fn each_pool_gets_a_client_for_its_region() {
+        use aws_sdk_cognitoidentityprovider::config::{BehaviorVersion, Region};
+        let base = Client::from_conf(
+            aws_sdk_cognitoidentityprovider::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new("us-east-1"))
+                .build(),
+        );
+        let settings: CognitoSettings = serde_json::from_value(serde_json::json!({
+            "client_id": "top",
+            "pools": {
+                "eu": {"client_id": "c-eu", "region": "eu-west-1"},
+                "emulated": {"client_id": "c-em", "endpoint_url": "http://127.0.0.1:9"},
+                "plain": {"client_id": "c-plain"},
+            },
+        }))
+        .unwrap();
+        let clients = clients_by_pool(&base, &settings.all_pools());
+        let region = |name: &str| {
+            clients[name]
+                .config()
+                .region()
+                .map(|r| r.as_ref().to_owned())
+        };
+        assert_eq!(clients.len(), 4);
+        assert_eq!(region("default").as_deref(), Some("us-east-1"));
+        assert_eq!(region("eu").as_deref(), Some("eu-west-1"));
+        // An endpoint of its own keeps the SDK's Region; so does a pool
+        // that sets neither.
+        assert_eq!(region("emulated").as_deref(), Some("us-east-1"));
+        assert_eq!(region("plain").as_deref(), Some("us-east-1"));
+        // Each pool's Cognito keeps its own client ID.
+        let pools = Pools::new(&base, &settings);
+        assert_eq!(pools.get(None).map(|c| c.client_id.as_str()), Some("top"));
+        assert_eq!(
+            pools.get(Some("eu")).map(|c| c.client_id.as_str()),
+            Some("c-eu")
+        );
+        assert!(pools.get(Some("nope")).is_none());
+        assert_eq!(pools.secrets().len(), 4);
+    }
+
+    #[test]
     fn error_codes_round_trip_and_unknown_is_other() {
         for code in [
             "TooManyRequestsException",
