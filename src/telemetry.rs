@@ -236,9 +236,10 @@ pub fn delete_failed(count: usize) {
     counter!(DELETE_FAILURES_TOTAL).increment(count as u64);
 }
 
-pub fn job_outcome(outcome: &'static str, campaign: String, age: Option<Duration>) {
+pub fn job_outcome(outcome: &'static str, campaign: String, pool: String, age: Option<Duration>) {
     counter!(JOBS_TOTAL, "outcome" => outcome).increment(1);
-    counter!(CAMPAIGN_JOBS_TOTAL, "campaign" => campaign, "outcome" => outcome).increment(1);
+    counter!(CAMPAIGN_JOBS_TOTAL, "campaign" => campaign, "pool" => pool, "outcome" => outcome)
+        .increment(1);
     if let Some(age) = age {
         histogram!(JOB_AGE).record(age.as_secs_f64());
     }

@@ -27,7 +27,7 @@ use reset_worker::config::Settings;
 use reset_worker::worker::RunOptions;
 use serde_json::{Value, json};
 use support::fake_aws::{AcceptedCall, DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE};
-use support::sdk_config;
+use support::{metric_value, sdk_config};
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_CLIENT: &str = "client-default";
@@ -164,6 +164,27 @@ async fn each_job_reaches_its_own_pool_and_an_unknown_pool_is_dead_lettered() {
         .and_then(|a| a["reset_worker_reason"]["StringValue"].as_str());
     assert_eq!(reason, Some("unknown_pool"), "{:?}", dead[0].attributes);
     assert_eq!(fake.queue_depth(), 0);
+
+    // The outcomes per pool: configured names, and `unknown` (never the
+    // job's own text) for the rest.
+    let text = reset_worker::telemetry::install_recorder()
+        .expect("the app installed the recorder")
+        .render();
+    let count = |pool: &str, outcome: &str| {
+        metric_value(
+            &text,
+            "reset_worker_campaign_jobs_total",
+            &[
+                ("campaign", "pools-it"),
+                ("pool", pool),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(count("default", "sent"), 2.0, "{text}");
+    assert_eq!(count("b", "sent"), 2.0, "{text}");
+    assert_eq!(count("unknown", "rejected"), 1.0, "{text}");
+    assert!(!text.contains("pool=\"nope\""), "{text}");
 }
 
 /// Runs `reset-worker ARGS` against `fake`'s SQS with `config`, returns

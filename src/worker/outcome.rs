@@ -138,7 +138,13 @@ impl Tally {
         } else {
             self.campaigns.label(r.campaign_id)
         };
-        telemetry::job_outcome(r.outcome.label(), campaign, r.age);
+        // Bounded: a configured pool's name, or one of two fixed words.
+        let pool = match (r.user, r.pool) {
+            (None, _) => "unparsed".to_owned(),
+            (Some(_), Some(pool)) => pool.to_owned(),
+            (Some(_), None) => "unknown".to_owned(),
+        };
+        telemetry::job_outcome(r.outcome.label(), campaign, pool, r.age);
 
         let delay_seconds = match r.outcome {
             Outcome::Deferred { delay, .. } => Some(delay.as_secs()),

@@ -8,8 +8,8 @@
 //!
 //! Applied live: `limits.max_rps` (0 pauses), `limits.burst`, and every
 //! pool's client secret from its `client_secret_file`
-//! (`cognito.client_secret_file`, `cognito.pools.NAME.client_secret_file`). Any other change is logged as
-//! needing a restart. An invalid edit is rejected with one log line and the
+//! (`cognito.client_secret_file`, `cognito.pools.NAME.client_secret_file`).
+//! Any other change is logged as needing a restart. An invalid edit is rejected with one log line and the
 //! old values stay in force.
 
 use std::path::PathBuf;

@@ -64,7 +64,7 @@ struct Decided {
     outcome: Outcome,
     campaign_id: Option<String>,
     /// The job's pool (`default` without the field); `None` when the body
-    /// did not parse.
+    /// did not parse or names a pool that is not configured.
     pool: Option<String>,
     /// Keyed hash of the username; `None` when the body did not parse.
     user: Option<String>,
@@ -162,10 +162,16 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
         }
     };
     let user = Some(shared.hasher.user_ref(&job.username));
+    // Logged only when configured: an unknown name is whatever text the
+    // job's author put there, and logs carry no raw input.
+    let pool = shared
+        .pools
+        .get(job.pool.as_deref())
+        .map(|_| job.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_owned()));
     let decided = |called: Called| Decided {
         outcome: called.outcome,
         campaign_id: job.campaign_id.clone(),
-        pool: Some(job.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_owned())),
+        pool: pool.clone(),
         user: user.clone(),
         attempts: called.attempts,
         last_error: called.last_error,
