@@ -19,15 +19,17 @@
 //! `max_rps = 0` pauses the campaign: waiting calls give up (their messages
 //! are released) and nothing new starts until the cap is raised again.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter as Gcra};
 use tokio::sync::watch;
 
+use crate::aws::cognito::UNKNOWN_REGION;
 use crate::config::LimitSettings;
 use crate::telemetry;
 
@@ -248,8 +250,14 @@ impl Budget {
     }
 }
 
-/// The process-wide limiter. Shared by every job task through `Arc`.
+/// One Region's limiter. Shared by every job task for that Region through
+/// `Arc`.
 pub struct RateLimiter {
+    /// The Region whose quota this limiter guards (the gauge's label).
+    region: String,
+    /// Jobs of this Region let in by [`Limiters::enter`] and not finished
+    /// (claiming, waiting for the rate, calling, backing off).
+    entered: Arc<AtomicUsize>,
     /// The budget in force; job tasks and the receive loop watch it for
     /// pauses.
     budget: watch::Sender<Budget>,
@@ -301,10 +309,13 @@ fn gcra_spent(rate: f64, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
 }
 
 impl RateLimiter {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(region: impl Into<String>, limits: Limits) -> Self {
+        let region = region.into();
         let budget = Budget { limits, share: 1.0 };
-        telemetry::rate_limit(budget.rate());
+        telemetry::rate_limit(&region, budget.rate());
         Self {
+            region,
+            entered: Arc::new(AtomicUsize::new(0)),
             budget: watch::Sender::new(budget),
             hard: RwLock::new(gcra(budget.rate(), budget.burst())),
             adaptive: Mutex::new(Adaptive {
@@ -394,7 +405,7 @@ impl RateLimiter {
         let shown = wanted.map_or(max, f64::from);
         if shown != guard.shown {
             guard.shown = shown;
-            telemetry::rate_limit(shown);
+            telemetry::rate_limit(&self.region, shown);
         }
         out
     }
@@ -447,6 +458,157 @@ impl RateLimiter {
         // The sender lives as long as `self`, so this cannot fail while we
         // borrow `self`.
         let _ = budget.wait_for(|b| !b.paused()).await;
+    }
+}
+
+/// Every Region's limiter. Cognito's quota belongs to an account and
+/// Region, across all its user pools: the pools of one Region draw on one
+/// limiter, and a Region throttled (or slowed down) does not slow another.
+pub struct Limiters {
+    /// By Region name; fixed at start-up (pools and their Regions need a
+    /// restart), so no lock.
+    by_region: BTreeMap<String, Arc<RateLimiter>>,
+}
+
+/// One Region's limits: its `[limits.regions.REGION]`, else `limits.max_rps`
+/// and `limits.burst`. `limits.max_rps = 0` pauses every Region.
+pub fn limits_for(settings: &LimitSettings, region: &str) -> Limits {
+    match settings.regions.get(region) {
+        Some(own) if settings.max_rps > 0 => Limits {
+            max_rps: own.max_rps,
+            burst: own.burst.unwrap_or(settings.burst).min(own.max_rps).max(1),
+        },
+        _ => Limits::from(settings),
+    }
+}
+
+/// With several Regions, a Region may hold jobs for this many seconds of
+/// its effective rate (waiting for it, calling, backing off); more would
+/// wait while holding slots (`limits.concurrency`) the other Regions' jobs
+/// could use: head-of-line blocking.
+const REGION_HOLD_SECONDS: f64 = 2.0;
+/// ...but always at least this many, so a Region slowed to a crawl still
+/// has a job waiting when its next call is due.
+const REGION_MIN_HELD: usize = 2;
+/// A job turned away comes back after about this many times the time its
+/// Region needs for the jobs it holds, within [`REGION_BUSY_MIN`] and
+/// [`REGION_BUSY_MAX`]: long enough not to come round again and again
+/// (every receive counts towards the queue's `maxReceiveCount`).
+const REGION_BUSY_FACTOR: f64 = 4.0;
+const REGION_BUSY_MIN: Duration = Duration::from_secs(5);
+const REGION_BUSY_MAX: Duration = Duration::from_secs(60);
+
+/// A job's place among its Region's jobs; frees it when dropped.
+pub struct Held {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What [`Limiters::enter`] answers.
+pub enum Entry {
+    /// Go on, on this limiter; hold the [`Held`] until the job is decided.
+    In(Arc<RateLimiter>, Held),
+    /// The Region holds enough jobs: defer this one by the duration.
+    Busy(Duration),
+}
+
+impl Limiters {
+    /// A limiter for each of `regions` (one for [`UNKNOWN_REGION`] if
+    /// there are none).
+    pub fn new(settings: &LimitSettings, regions: impl IntoIterator<Item = String>) -> Self {
+        let mut by_region: BTreeMap<String, Arc<RateLimiter>> = regions
+            .into_iter()
+            .map(|region| {
+                let limiter = RateLimiter::new(region.clone(), limits_for(settings, &region));
+                (region, Arc::new(limiter))
+            })
+            .collect();
+        if by_region.is_empty() {
+            let region = UNKNOWN_REGION.to_owned();
+            let limiter = RateLimiter::new(region.clone(), limits_for(settings, &region));
+            by_region.insert(region, Arc::new(limiter));
+        }
+        Self { by_region }
+    }
+
+    /// Lets a job for `region` in, or turns it away while that Region holds
+    /// [`REGION_HOLD_SECONDS`] of its effective rate in jobs (with a single
+    /// Region nobody else waits for the slots, so every job is let in).
+    pub fn enter(&self, region: &str) -> Entry {
+        let Some(limiter) = self
+            .by_region
+            .get(region)
+            .or_else(|| self.by_region.values().next())
+        else {
+            // `new` always builds one; nothing to hold a job back with.
+            return Entry::Busy(REGION_BUSY_MIN);
+        };
+        let before = limiter.entered.fetch_add(1, Ordering::AcqRel);
+        let held = Held {
+            count: limiter.entered.clone(),
+        };
+        if self.by_region.len() > 1 {
+            let rate = limiter.effective_rate().max(MIN_RATE);
+            let cap = ((rate * REGION_HOLD_SECONDS).ceil() as usize).max(REGION_MIN_HELD);
+            if before >= cap {
+                drop(held);
+                let drain = Duration::from_secs_f64(before as f64 / rate * REGION_BUSY_FACTOR);
+                return Entry::Busy(drain.clamp(REGION_BUSY_MIN, REGION_BUSY_MAX));
+            }
+        }
+        Entry::In(limiter.clone(), held)
+    }
+
+    /// Applies new limits to every Region at once (live reload).
+    pub fn set_limits(&self, settings: &LimitSettings) {
+        for (region, limiter) in &self.by_region {
+            limiter.set_limits(limits_for(settings, region));
+        }
+    }
+
+    /// This worker's share of a cluster budget, the same in every Region:
+    /// the workers on one ledger divide each Region's budget alike.
+    pub fn set_share(&self, share: f64) {
+        for limiter in self.by_region.values() {
+            limiter.set_share(share);
+        }
+    }
+
+    /// This worker's share (the same in every Region).
+    pub fn share(&self) -> f64 {
+        self.by_region.values().next().map_or(1.0, |l| l.share())
+    }
+
+    /// Paused: every Region pauses together (`limits.max_rps = 0`, or no
+    /// cluster share yet), since a Region's own `max_rps` is at least 1.
+    pub fn is_paused(&self) -> bool {
+        self.by_region.values().all(|l| l.is_paused())
+    }
+
+    /// Resolves when the campaign is not paused.
+    pub async fn wait_unpaused(&self) {
+        if let Some(first) = self.by_region.values().next() {
+            first.wait_unpaused().await;
+        }
+    }
+
+    /// The effective rates of every Region together: how fast this worker
+    /// can start calls at most.
+    pub fn effective_rate(&self) -> f64 {
+        self.by_region.values().map(|l| l.effective_rate()).sum()
+    }
+
+    /// Each Region's configured (not effective) rate, for the logs.
+    pub fn configured(&self) -> Vec<(&str, Limits)> {
+        self.by_region
+            .iter()
+            .map(|(region, l)| (region.as_str(), l.limits()))
+            .collect()
     }
 }
 
@@ -583,15 +745,92 @@ mod tests {
         assert_eq!(cubic.rate(at(t0, 1000.0)), 2.0);
     }
 
+    fn limit_settings(json: serde_json::Value) -> LimitSettings {
+        serde_json::from_value(json).expect("valid limits")
+    }
+
+    #[test]
+    fn each_region_takes_its_own_limits_and_max_rps_0_pauses_them_all() {
+        let settings = limit_settings(serde_json::json!({
+            "max_rps": 10, "burst": 4,
+            "regions": {
+                "eu-west-1": {"max_rps": 20},
+                "ap-south-1": {"max_rps": 3, "burst": 2},
+            },
+        }));
+        let l = |region| limits_for(&settings, region);
+        assert_eq!(
+            l("us-east-1"),
+            Limits {
+                max_rps: 10,
+                burst: 4
+            }
+        );
+        assert_eq!(
+            l("eu-west-1"),
+            Limits {
+                max_rps: 20,
+                burst: 4
+            }
+        );
+        assert_eq!(
+            l("ap-south-1"),
+            Limits {
+                max_rps: 3,
+                burst: 2
+            }
+        );
+        let mut paused = settings.clone();
+        paused.max_rps = 0;
+        assert_eq!(limits_for(&paused, "eu-west-1").max_rps, 0);
+        let limiters = Limiters::new(&paused, ["eu-west-1".into(), "us-east-1".into()]);
+        assert!(limiters.is_paused());
+        limiters.set_limits(&settings);
+        assert!(!limiters.is_paused());
+        assert_eq!(limiters.effective_rate(), 30.0);
+    }
+
+    #[test]
+    fn a_slow_region_holds_a_few_jobs_and_turns_the_rest_away() {
+        let settings = limit_settings(serde_json::json!({
+            "max_rps": 100, "burst": 2,
+            "regions": {"eu-west-1": {"max_rps": 1, "burst": 1}},
+        }));
+        let limiters = Limiters::new(&settings, ["eu-west-1".into(), "us-east-1".into()]);
+        // eu-west-1 at 1/s holds at most 2 jobs (2 s of its rate).
+        let a = limiters.enter("eu-west-1");
+        let b = limiters.enter("eu-west-1");
+        assert!(matches!(a, Entry::In(..)) && matches!(b, Entry::In(..)));
+        let Entry::Busy(delay) = limiters.enter("eu-west-1") else {
+            panic!("a third job for a 1/s Region is let in");
+        };
+        // 4 × the 2 s its two jobs take: 8 s, within 5-60 s.
+        assert_eq!(delay, Duration::from_secs(8));
+        // The other Region is not held back by it: 200 jobs (2 s at 100/s).
+        let us: Vec<Entry> = (0..200).map(|_| limiters.enter("us-east-1")).collect();
+        assert!(us.iter().all(|e| matches!(e, Entry::In(..))));
+        assert!(matches!(limiters.enter("us-east-1"), Entry::Busy(_)));
+        // A job that ends makes room.
+        drop(a);
+        assert!(matches!(limiters.enter("eu-west-1"), Entry::In(..)));
+        // A single Region has nobody to make room for: every job goes in.
+        let alone = Limiters::new(&settings, ["eu-west-1".into()]);
+        let all: Vec<Entry> = (0..50).map(|_| alone.enter("eu-west-1")).collect();
+        assert!(all.iter().all(|e| matches!(e, Entry::In(..))));
+    }
+
     /// Real clock: governor runs on its own clock, so tokio's paused time
     /// does not apply. Only upper bounds are asserted, and a slow machine
     /// can only make calls later, never earlier, so this cannot flake.
     #[tokio::test]
     async fn hard_cap_holds_over_every_one_second_window() {
-        let limiter = RateLimiter::new(Limits {
-            max_rps: 40,
-            burst: 4,
-        });
+        let limiter = RateLimiter::new(
+            "test-region-1",
+            Limits {
+                max_rps: 40,
+                burst: 4,
+            },
+        );
         let start = Instant::now();
         let mut grants = Vec::new();
         for _ in 0..90 {
@@ -626,10 +865,13 @@ mod tests {
     /// machine can only make grants later.
     #[tokio::test]
     async fn a_live_change_does_not_add_a_fresh_burst() {
-        let limiter = RateLimiter::new(Limits {
-            max_rps: 1000,
-            burst: 20,
-        });
+        let limiter = RateLimiter::new(
+            "test-region-1",
+            Limits {
+                max_rps: 1000,
+                burst: 20,
+            },
+        );
         for _ in 0..20 {
             limiter.acquire().await.unwrap();
         }
@@ -654,10 +896,13 @@ mod tests {
 
     #[tokio::test]
     async fn throttling_engages_the_gate_and_the_gauge_value() {
-        let limiter = RateLimiter::new(Limits {
-            max_rps: 50,
-            burst: 1,
-        });
+        let limiter = RateLimiter::new(
+            "test-region-1",
+            Limits {
+                max_rps: 50,
+                burst: 1,
+            },
+        );
         limiter.on_throttled(Instant::now());
         let rate = limiter.effective_rate();
         assert!((42.0..=43.0).contains(&rate), "{rate}");
@@ -667,10 +912,13 @@ mod tests {
 
     #[tokio::test]
     async fn pause_releases_waiters_and_resume_unblocks() {
-        let limiter = Arc::new(RateLimiter::new(Limits {
-            max_rps: 1,
-            burst: 1,
-        }));
+        let limiter = Arc::new(RateLimiter::new(
+            "test-region-1",
+            Limits {
+                max_rps: 1,
+                burst: 1,
+            },
+        ));
         limiter.acquire().await.unwrap();
         // The next call must wait ~1 s; pausing ends that wait at once.
         let waiter = tokio::spawn({

@@ -282,8 +282,9 @@ pub fn in_flight(delta: f64) {
     gauge!(IN_FLIGHT).increment(delta);
 }
 
-pub fn rate_limit(per_second: f64) {
-    gauge!(RATE_LIMIT).set(per_second);
+/// One Region's effective cap (a configured Region: bounded).
+pub fn rate_limit(region: &str, per_second: f64) {
+    gauge!(RATE_LIMIT, "region" => region.to_owned()).set(per_second);
 }
 
 pub fn ledger_request(operation: &'static str, result: &'static str, elapsed: Duration) {

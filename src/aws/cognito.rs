@@ -285,6 +285,10 @@ pub struct Delivery {
 /// per call, never held across an await.
 pub type SharedSecret = Arc<RwLock<Option<SecretString>>>;
 
+/// The Region of a client built without one (the SDK then refuses every
+/// call, so its limiter never grants one that matters).
+pub const UNKNOWN_REGION: &str = "unknown";
+
 /// Every configured pool's [`Cognito`], by name.
 pub struct Pools {
     by_name: BTreeMap<String, Cognito>,
@@ -313,6 +317,11 @@ impl Pools {
         self.by_name.get(name.unwrap_or(DEFAULT_POOL))
     }
 
+    /// The Regions the pools call, each once.
+    pub fn regions(&self) -> std::collections::BTreeSet<String> {
+        self.by_name.values().map(|c| c.region.clone()).collect()
+    }
+
     /// Every pool's replaceable secret, by pool name, for the config
     /// watcher.
     pub fn secrets(&self) -> BTreeMap<String, SharedSecret> {
@@ -326,6 +335,9 @@ impl Pools {
 /// Calls ForgotPassword with every parameter the job and config provide.
 pub struct Cognito {
     client: Client,
+    /// The Region the client calls: whose quota (and limiter) the pool's
+    /// calls draw on.
+    region: String,
     action: Action,
     user_pool_id: Option<String>,
     client_id: String,
@@ -336,14 +348,24 @@ pub struct Cognito {
 impl Cognito {
     /// The calls of one pool; `default_metadata` is `cognito.client_metadata`.
     pub fn new(client: Client, pool: &Pool, default_metadata: &BTreeMap<String, String>) -> Self {
+        let region = client
+            .config()
+            .region()
+            .map_or_else(|| UNKNOWN_REGION.to_owned(), |r| r.as_ref().to_owned());
         Self {
             client,
+            region,
             action: pool.action,
             user_pool_id: pool.user_pool_id.clone(),
             client_id: pool.client_id.clone(),
             client_secret: Arc::new(RwLock::new(pool.client_secret.clone())),
             default_metadata: default_metadata.clone(),
         }
+    }
+
+    /// The Region this pool's calls go to.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     pub fn secret(&self) -> SharedSecret {

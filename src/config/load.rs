@@ -196,6 +196,35 @@ impl Settings {
             1,
             u64::from(l.max_rps.max(1)).max(if l.max_rps == 0 { 10_000 } else { 1 }),
         )?;
+        for (region, r) in &l.regions {
+            if !is_region_name(region) {
+                return Err(invalid(
+                    "limits.regions",
+                    format!(
+                        "has a key that is not an AWS Region name (like `eu-west-1`): `{}`",
+                        region.escape_debug()
+                    ),
+                ));
+            }
+            let key = |k: &str| format!("limits.regions.{region}.{k}");
+            if !(1..=10_000).contains(&r.max_rps) {
+                return Err(ConfigError::InvalidKey {
+                    key: key("max_rps"),
+                    problem: format!(
+                        "is {}; it must be between 1 and 10000 (pause the campaign with                          `limits.max_rps = 0`)",
+                        r.max_rps
+                    ),
+                });
+            }
+            if let Some(burst) = r.burst
+                && !(1..=r.max_rps).contains(&burst)
+            {
+                return Err(ConfigError::InvalidKey {
+                    key: key("burst"),
+                    problem: format!("is {burst}; it must be between 1 and {}", r.max_rps),
+                });
+            }
+        }
 
         let r = &self.retry;
         in_range("retry.initial_delay_ms", r.initial_delay_ms, 1, 60_000)?;
@@ -379,6 +408,20 @@ fn is_pool_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
+/// An AWS Region name: lower-case words and a number, joined by `-`
+/// (`eu-west-1`, `us-gov-west-1`, `ap-southeast-2`).
+fn is_region_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('-').collect();
+    parts.len() >= 3
+        && name.len() <= 32
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     if url.starts_with("https://") || url.starts_with("http://") {
         Ok(())
@@ -464,6 +507,19 @@ mod tests {
                 ("[limits]\nconcurrency = 0", "limits.concurrency"),
                 ("[limits]\nmax_rps = 10001", "limits.max_rps"),
                 ("[limits]\nburst = 50", "limits.burst"),
+                (
+                    "[limits.regions.eu-west-1]\nmax_rps = 0",
+                    "limits.regions.eu-west-1.max_rps",
+                ),
+                (
+                    "[limits.regions.eu-west-1]\nmax_rps = 5\nburst = 6",
+                    "limits.regions.eu-west-1.burst",
+                ),
+                ("[limits.regions.Europe]\nmax_rps = 5", "limits.regions"),
+                (
+                    "[limits.regions.eu-west-1]\nmax_rps = 5\nbrust = 1",
+                    "brust",
+                ),
                 (
                     "[retry]\nlimit_exceeded_delay_seconds = 50000",
                     "retry.limit_exceeded_delay_seconds",

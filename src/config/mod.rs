@@ -100,6 +100,10 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A key whose full name is only known at run time
+    /// (`limits.regions.<region>.<key>`).
+    #[error("invalid configuration: `{key}` {problem}")]
+    InvalidKey { key: String, problem: String },
     /// A key of one named pool, `cognito.pools.<pool>.<key>`: its name is
     /// only known at run time.
     #[error("invalid configuration: `cognito.pools.{pool}.{key}` {problem}")]
@@ -499,24 +503,45 @@ pub struct LimitSettings {
     /// not limit the request rate; `max_rps` does.
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
-    /// Hard cap on ForgotPassword calls per second from this process,
-    /// 0–10000. The account-wide UserAccountRecovery quota is 30/s and is
+    /// Hard cap on Cognito calls per second in **each Region** the pools
+    /// use, 0–10000 (`limits.regions` overrides one Region). Cognito's
+    /// UserAccountRecovery quota is 30/s per account and Region and is
     /// shared with real users, so the default of 10 leaves two thirds for
-    /// them. Divide the campaign's share by the number of replicas. 0 pauses
-    /// the campaign. Applied live when the config file changes.
+    /// them. With `scope = "cluster"` it is the budget of all the workers
+    /// on the ledger together. 0 pauses the campaign in every Region.
+    /// Applied live when the config file changes.
     #[serde(default = "defaults::max_rps")]
     pub max_rps: u32,
-    /// Calls that may start back to back after an idle spell, 1–`max_rps`.
-    /// Any one-second window holds at most `max_rps + burst` calls. Applied
-    /// live when the config file changes.
+    /// Calls that may start back to back after an idle spell, 1–`max_rps`,
+    /// in each Region. Any one-second window holds at most `max_rps + burst`
+    /// calls to one Region. Applied live when the config file changes.
     #[serde(default = "defaults::burst")]
     pub burst: u32,
+    /// One Region's own budget, by Region name (`[limits.regions.eu-west-1]`),
+    /// in place of `max_rps` and `burst`; Regions not listed take those.
+    /// Applied live when the config file changes.
+    #[serde(default)]
+    pub regions: BTreeMap<String, RegionLimitSettings>,
     /// `cluster` (the default with a shared ledger: `sqlite` or `dynamodb`):
     /// `max_rps` and `burst` are the budget of every worker sharing the
     /// ledger together, divided among the live ones. `process` (the default,
     /// and the only choice, with the `memory` ledger): each worker's own.
     #[serde(default)]
     pub scope: Option<Scope>,
+}
+
+/// `[limits.regions.REGION]`: one Region's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionLimitSettings {
+    /// Calls per second to Cognito in this Region, 1–10000 (pause the whole
+    /// campaign with `limits.max_rps = 0`: a paused Region alone would send
+    /// its jobs round the queue until they dead-letter).
+    pub max_rps: u32,
+    /// Calls that may start back to back, 1–`max_rps`; default
+    /// `limits.burst`, lowered to `max_rps` if above it.
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 /// Whose budget `limits.max_rps` is.

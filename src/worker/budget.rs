@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Ledger, Member, now_ms};
-use crate::rate::RateLimiter;
+use crate::rate::Limiters;
 
 /// How often a worker renews its registration and recomputes its share.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -48,20 +48,29 @@ pub fn share_of(members: &[Member], me: &str, now_ms: u64) -> f64 {
 /// Keeps this worker registered and its share applied until `stop` fires,
 /// then deregisters. A heartbeat that fails keeps the share in force: while
 /// the ledger is down no job can be claimed, so nothing is called anyway.
-pub async fn run(ledger: Ledger, limiter: Arc<RateLimiter>, stop: CancellationToken) {
+pub async fn run(ledger: Ledger, limiters: Arc<Limiters>, stop: CancellationToken) {
     let me = ledger.worker_id().to_owned();
     let mut last_shown = None;
     loop {
         match ledger.heartbeat(ALIVE_FOR).await {
             Ok(members) => {
                 let share = share_of(&members, &me, now_ms());
-                limiter.set_share(share);
+                limiters.set_share(share);
                 if last_shown != Some((members.len(), share > 0.0)) {
                     last_shown = Some((members.len(), share > 0.0));
                     tracing::info!(
                         workers = members.len(),
                         share = format!("{share:.3}"),
-                        rps = format!("{:.2}", f64::from(limiter.limits().max_rps) * share),
+                        // This worker's rate in each Region.
+                        rps = limiters
+                            .configured()
+                            .iter()
+                            .map(|(region, l)| format!(
+                                "{region}={:.2}",
+                                f64::from(l.max_rps) * share
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                         "cluster rate budget"
                     );
                 }

@@ -65,8 +65,13 @@ impl Listener {
         let mut empty_polls = 0u32;
 
         loop {
-            if shared.limiter.is_paused() {
-                if shared.limiter.limits().max_rps == 0 {
+            if shared.limiters.is_paused() {
+                if shared
+                    .limiters
+                    .configured()
+                    .iter()
+                    .all(|(_, l)| l.max_rps == 0)
+                {
                     tracing::info!("campaign paused (limits.max_rps = 0); holding no messages");
                 } else {
                     tracing::info!(
@@ -75,7 +80,7 @@ impl Listener {
                 }
                 tokio::select! {
                     _ = shared.stop.cancelled() => break,
-                    _ = shared.limiter.wait_unpaused() => {
+                    _ = shared.limiters.wait_unpaused() => {
                         tracing::info!("campaign resumed");
                         continue;
                     }
@@ -90,7 +95,7 @@ impl Listener {
             // Paused while waiting for permits: receive nothing, or the
             // messages would be released at once with one more receive count
             // (which brings them closer to the dead-letter queue).
-            if shared.limiter.is_paused() {
+            if shared.limiters.is_paused() {
                 drop(held);
                 continue;
             }
@@ -223,7 +228,7 @@ impl Listener {
             permit = permits.clone().acquire_owned() => permit.ok()?,
         };
         let want = MAX_BATCH.min(self.concurrency);
-        let rate = self.shared.limiter.effective_rate().max(1.0);
+        let rate = self.shared.limiters.effective_rate().max(1.0);
         let fill_until = tokio::time::Instant::now()
             + Duration::from_secs_f64((want as f64 / rate).min(MAX_FILL_WAIT_SECONDS));
         let mut held = vec![first];

@@ -30,7 +30,7 @@ use crate::config::{OnUncertain, RetrySettings, Scope, Settings, is_fifo};
 use crate::health::Health;
 use crate::job::UserHasher;
 use crate::ledger::{Ledger, LedgerError};
-use crate::rate::RateLimiter;
+use crate::rate::Limiters;
 use listener::Listener;
 use outcome::{Summary, Tally};
 
@@ -63,7 +63,7 @@ pub enum WorkerError {
 /// Handles to the settings that apply without a restart.
 #[derive(Clone)]
 pub struct Live {
-    pub limiter: Arc<RateLimiter>,
+    pub limiters: Arc<Limiters>,
     /// Every pool's client secret, by pool name (`default` too).
     pub secrets: BTreeMap<String, SharedSecret>,
 }
@@ -83,10 +83,11 @@ struct Shared {
     deleter: Deleter,
     /// Every configured user pool; a job names its own.
     pools: Pools,
-    /// Process-wide cap on Cognito calls, for every pool together; every
-    /// attempt waits here first.
-    /// Shared with the config watcher, which changes its limits live.
-    limiter: Arc<RateLimiter>,
+    /// The cap on Cognito calls, one limiter per Region the pools call (the
+    /// pools of a Region share it); every attempt waits on its Region's.
+    /// Shared with the config watcher, which changes the limits live, and
+    /// with the cluster budget, which sets this worker's share.
+    limiters: Arc<Limiters>,
     hasher: UserHasher,
     /// Every user's state: claimed before a call, finished after it. Shared
     /// with other workers through its backend.
@@ -212,11 +213,13 @@ impl Worker {
         ));
         let (deleter, batcher) = Deleter::new(queue.clone(), delete_flush_interval(settings));
         let hasher = UserHasher::new(settings.logging.username_hash_key.clone());
+        let pools = Pools::new(&cognito, &settings.cognito);
+        let limiters = Arc::new(Limiters::new(&settings.limits, pools.regions()));
         let shared = Shared {
             queue,
             deleter,
-            pools: Pools::new(&cognito, &settings.cognito),
-            limiter: Arc::new(RateLimiter::new((&settings.limits).into())),
+            pools,
+            limiters,
             ledger,
             on_uncertain: settings.ledger.on_uncertain,
             grace: Duration::from_secs(settings.shutdown.grace_seconds),
@@ -233,7 +236,7 @@ impl Worker {
         let cluster = settings.rate_scope() == Scope::Cluster;
         if cluster {
             // No share until the first heartbeat has counted the others.
-            shared.limiter.set_share(0.0);
+            shared.limiters.set_share(0.0);
         }
         Self {
             cluster,
@@ -251,7 +254,7 @@ impl Worker {
     pub fn live(&self) -> Live {
         let shared = &self.listener.shared;
         Live {
-            limiter: shared.limiter.clone(),
+            limiters: shared.limiters.clone(),
             secrets: shared.pools.secrets(),
         }
     }
@@ -302,7 +305,7 @@ impl Worker {
         let budget = cluster.then(|| {
             tokio::spawn(budget::run(
                 listener.shared.ledger.clone(),
-                listener.shared.limiter.clone(),
+                listener.shared.limiters.clone(),
                 budget_stop.clone(),
             ))
         });

@@ -196,6 +196,18 @@ pub fn claimed_elsewhere(remaining: Duration) -> Outcome {
     }
 }
 
+/// The job's Region already holds as many jobs as it can call in the next
+/// few seconds (it is throttled, or slower than the others): deferred,
+/// uncalled and unclaimed, so it does not hold a slot other Regions' jobs
+/// could use.
+pub fn region_busy(delay: Duration) -> Outcome {
+    let whole = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    Outcome::Deferred {
+        reason: "region_busy",
+        delay: Duration::from_secs(whole.max(1)),
+    }
+}
+
 /// An earlier claim expired mid-call and `ledger.on_uncertain = "skip"`:
 /// not called again.
 pub fn uncertain_skipped() -> Outcome {
@@ -558,6 +570,9 @@ mod tests {
         let o = unknown_pool("nope");
         assert_eq!((o.label(), o.reason()), ("rejected", "unknown_pool"));
         assert_eq!(ledger_state(&o), (State::Rejected, "unknown_pool"));
+        let o = region_busy(Duration::from_millis(5_200));
+        assert_eq!((o.label(), o.reason()), ("deferred", "region_busy"));
+        assert!(matches!(o, Outcome::Deferred { delay, .. } if delay == Duration::from_secs(6)));
         let o = claimed_elsewhere(Duration::from_secs(60));
         assert_eq!((o.label(), o.reason()), ("deferred", "claimed_elsewhere"));
         assert_eq!(released("paused").reason(), "paused");

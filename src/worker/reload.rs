@@ -6,7 +6,8 @@
 //! swaps, so the watcher polls the files' contents instead: cheap at one read
 //! every couple of seconds, and correct for every kind of update.
 //!
-//! Applied live: `limits.max_rps` (0 pauses), `limits.burst`, and every
+//! Applied live: `limits.max_rps` (0 pauses), `limits.burst`,
+//! `limits.regions`, and every
 //! pool's client secret from its `client_secret_file`
 //! (`cognito.client_secret_file`, `cognito.pools.NAME.client_secret_file`).
 //! Any other change is logged as needing a restart. An invalid edit is rejected with one log line and the
@@ -62,6 +63,7 @@ pub async fn watch(
     };
     watched.last = watched.read();
     let mut applied = Limits::from(&current.limits);
+    let mut applied_regions = current.limits.regions.clone();
     let mut restart_needed_logged = false;
     loop {
         tokio::select! {
@@ -84,24 +86,27 @@ pub async fn watch(
             }
             Ok(new) => {
                 let limits = Limits::from(&new.limits);
-                if limits != applied {
+                if limits != applied || new.limits.regions != applied_regions {
                     tracing::info!(
                         old_max_rps = applied.max_rps,
                         new_max_rps = limits.max_rps,
                         old_burst = applied.burst,
                         new_burst = limits.burst,
+                        regions = new.limits.regions.len(),
                         paused = limits.max_rps == 0,
                         "rate limits changed"
                     );
-                    live.limiter.set_limits(limits);
+                    live.limiters.set_limits(&new.limits);
                     applied = limits;
+                    applied_regions = new.limits.regions.clone();
                 }
                 update_secret(&live, &new);
                 if !restart_needed_logged && needs_restart(&current, &new) {
                     restart_needed_logged = true;
                     tracing::warn!(
                         "config file changed keys that apply only after a restart \
-                         (anything but limits.max_rps, limits.burst and the secret files)"
+                         (anything but limits.max_rps, limits.burst, limits.regions and the \
+                         secret files)"
                     );
                 }
             }
@@ -131,6 +136,7 @@ fn needs_restart(old: &Settings, new: &Settings) -> bool {
     let mut comparable = new.clone();
     comparable.limits.max_rps = old.limits.max_rps;
     comparable.limits.burst = old.limits.burst;
+    comparable.limits.regions = old.limits.regions.clone();
     comparable.cognito.client_secret = old.cognito.client_secret.clone();
     for (name, pool) in &mut comparable.cognito.pools {
         if let Some(old_pool) = old.cognito.pools.get(name) {
@@ -205,7 +211,10 @@ mod tests {
             .map(|p| (p.name, Arc::new(RwLock::new(p.client_secret))))
             .collect();
         let live = Live {
-            limiter: Arc::new(crate::rate::RateLimiter::new((&old.limits).into())),
+            limiters: Arc::new(crate::rate::Limiters::new(
+                &old.limits,
+                ["test-region-1".to_owned()],
+            )),
             secrets: secrets.clone(),
         };
         let read = |name: &str| {

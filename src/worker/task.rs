@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::{DEFAULT_POOL, OnUncertain};
 use crate::job::ResetJob;
 use crate::ledger::{Claim, DEFAULT_CAMPAIGN, Final, Key, Owner};
+use crate::rate::{Entry, RateLimiter};
 use crate::telemetry;
 
 /// Runs one message to its outcome. The permit is held until the end, so
@@ -189,6 +190,12 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
             job.pool.as_deref().unwrap_or_default(),
         )));
     };
+    // Before the claim too: a job its Region cannot call soon goes back to
+    // the queue rather than wait in a slot another Region could use.
+    let (limiter, _held) = match shared.limiters.enter(cognito.region()) {
+        Entry::In(limiter, held) => (limiter, held),
+        Entry::Busy(delay) => return decided(Called::without_call(policy::region_busy(delay))),
+    };
     let key = Key {
         campaign: job.campaign_id.as_deref().unwrap_or(DEFAULT_CAMPAIGN),
         username: job.username.expose(),
@@ -221,7 +228,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
     };
     let called = match called {
         Some(called) => called,
-        None => call_until_decided(shared, cognito, &job).await,
+        None => call_until_decided(shared, cognito, &limiter, &job).await,
     };
     let (state, reason) = policy::ledger_state(&called.outcome);
     let done = Final {
@@ -304,9 +311,14 @@ async fn record(shared: &Shared, key: Key<'_>, owner: &Owner, done: Final<'_>, m
     }
 }
 
-/// The call loop: wait for the rate cap (one for every pool), call the
-/// job's pool, ask the policy, back off.
-async fn call_until_decided(shared: &Shared, cognito: &Cognito, job: &ResetJob) -> Called {
+/// The call loop: wait for the rate cap of the Region the job's pool is
+/// in, call the pool, ask the policy, back off.
+async fn call_until_decided(
+    shared: &Shared,
+    cognito: &Cognito,
+    limiter: &RateLimiter,
+    job: &ResetJob,
+) -> Called {
     let mut backoff = Backoff::for_jobs(&shared.retry);
     let mut attempts = 0;
     let mut last_error = None;
@@ -314,7 +326,7 @@ async fn call_until_decided(shared: &Shared, cognito: &Cognito, job: &ResetJob) 
         tokio::select! {
             biased;
             _ = shared.stop.cancelled() => break policy::released(shared.release_reason()),
-            granted = shared.limiter.acquire() => if granted.is_err() {
+            granted = limiter.acquire() => if granted.is_err() {
                 break policy::released("paused");
             },
         }
@@ -326,17 +338,17 @@ async fn call_until_decided(shared: &Shared, cognito: &Cognito, job: &ResetJob) 
         match &result {
             Err(err) if err.code == ErrorCode::TooManyRequests => {
                 last_error = Some(err.code);
-                shared.limiter.on_throttled(call_started);
+                limiter.on_throttled(call_started);
             }
             Err(err) => {
                 last_error = Some(err.code);
                 // Any other answer from Cognito spent quota too: it was let
                 // through. A call that got no answer tells nothing.
                 if err.http_status.is_some() {
-                    shared.limiter.on_admitted();
+                    limiter.on_admitted();
                 }
             }
-            Ok(_) => shared.limiter.on_admitted(),
+            Ok(_) => limiter.on_admitted(),
         }
         match policy::after_call(result.as_ref(), attempts, &shared.retry, &mut backoff) {
             Step::Done(outcome) => break outcome,
