@@ -210,17 +210,24 @@ pub enum CallResult {
     Error(&'static str),
 }
 
-pub fn cognito_request(result: CallResult, elapsed: Duration) {
+/// One Cognito call to `region` (a Region the pools call: bounded).
+pub fn cognito_request(region: &str, result: CallResult, elapsed: Duration) {
     histogram!(COGNITO_DURATION).record(elapsed.as_secs_f64());
     let (result, code) = match result {
         CallResult::Ok => ("ok", "none"),
         CallResult::Throttled => {
-            counter!(THROTTLED_TOTAL).increment(1);
+            counter!(THROTTLED_TOTAL, "region" => region.to_owned()).increment(1);
             ("throttled", "TooManyRequestsException")
         }
         CallResult::Error(code) => ("error", code),
     };
-    counter!(COGNITO_REQUESTS_TOTAL, "result" => result, "code" => code).increment(1);
+    counter!(
+        COGNITO_REQUESTS_TOTAL,
+        "region" => region.to_owned(),
+        "result" => result,
+        "code" => code
+    )
+    .increment(1);
 }
 
 pub fn code_delivered(medium: &'static str) {

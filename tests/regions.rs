@@ -11,8 +11,11 @@
 //! own rate in jobs and defers the rest (`region_busy`), so eu-west-1 runs at
 //! its own cap whatever the mix.
 //!
-//! Only upper bounds and the order of events are asserted; the rates
-//! reached are the benchmark's.
+//! A second test puts two pools in one Region (two endpoints) and one in
+//! another: the two share their Region's budget, the third has its own.
+//!
+//! Only upper bounds and the order of events are asserted, never a rate
+//! reached.
 
 mod support;
 
@@ -142,4 +145,86 @@ async fn a_throttled_region_does_not_hold_back_another() {
     };
     assert_eq!(gauge("eu-west-1"), 5.0, "{text}");
     assert!(gauge("us-east-1") < 10.0, "{text}");
+}
+
+/// Pools `b` and `c` in ap-south-1 (two endpoints, one Region) share that
+/// Region's budget; pool `d` in ca-central-1 has a budget of its own. The
+/// fakes never throttle, so every bound below is the worker's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_in_one_region_share_its_budget_and_another_region_has_its_own() {
+    let fake = |_| {
+        FakeAws::start(FakeConfig {
+            cognito_latency: Duration::from_millis(5),
+            ..FakeConfig::default()
+        })
+    };
+    let (sqs, b, c, d) = (fake(0), fake(1), fake(2), fake(3));
+    let pool = |client: &str, region: &str, at: &FakeAws| json!({"client_id": client, "region": region, "endpoint_url": at.url()});
+    let settings: Settings = serde_json::from_value(json!({
+        "sqs": {"queue_url": sqs.queue_url(), "wait_time_seconds": 1},
+        "cognito": {
+            "client_id": "client-default",
+            "pools": {
+                "b": pool("client-b", "ap-south-1", &b),
+                "c": pool("client-c", "ap-south-1", &c),
+                "d": pool("client-d", "ca-central-1", &d),
+            },
+        },
+        "limits": {"max_rps": 5, "burst": 1, "concurrency": 8},
+        "metrics": {"listen": "127.0.0.1:0"},
+        "ledger": {"backend": "memory"},
+    }))
+    .expect("valid test settings");
+    let per_pool = 15;
+    sqs.enqueue((0..per_pool).flat_map(|i| {
+        ["b", "c", "d"].map(|p| {
+            json!({"username": format!("{p}{i}@example.com"), "campaign_id": "regions-share", "pool": p})
+                .to_string()
+        })
+    }));
+    let clients = Clients::from_sdk(&sdk_config(&sqs.url()), &settings);
+    let app = App::build_with(settings, None, clients)
+        .await
+        .expect("build the worker app");
+    let summary = tokio::time::timeout(
+        Duration::from_secs(90),
+        app.run_until_stopped(
+            CancellationToken::new(),
+            RunOptions {
+                until_empty_polls: Some(2),
+            },
+        ),
+    )
+    .await
+    .expect("the queue drains within 90 s")
+    .expect("the run ends without an error");
+    assert_eq!(summary.sent, 3 * per_pool as u64, "{summary:?}");
+
+    // ap-south-1: both pools' calls together within 5/s + burst 1; each
+    // pool with a budget of its own could have made up to 12 in a second.
+    let mut south = b.accepted_call_times();
+    south.extend(c.accepted_call_times());
+    south.sort();
+    assert_eq!(south.len(), 2 * per_pool);
+    let worst = max_in_one_second(&south);
+    assert!(worst <= 6, "{worst} calls to ap-south-1 in one second");
+    let worst = max_in_one_second(&d.accepted_call_times());
+    assert!(worst <= 6, "{worst} calls to ca-central-1 in one second");
+    assert!(
+        sqs.accepted_call_times().is_empty(),
+        "no job named `default`"
+    );
+
+    // One limiter per Region, each with the whole budget.
+    let text = reset_worker::telemetry::install_recorder()
+        .expect("the app installed the recorder")
+        .render();
+    for region in ["ap-south-1", "ca-central-1"] {
+        let gauge = metric_value(
+            &text,
+            "reset_worker_rate_limit_per_second",
+            &[("region", region)],
+        );
+        assert_eq!(gauge, 5.0, "{region}: {text}");
+    }
 }

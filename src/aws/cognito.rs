@@ -418,7 +418,7 @@ impl Cognito {
             .set_user_pool_id(self.user_pool_id.clone())
             .username(job.username.expose())
             .set_client_metadata(self.client_metadata(job));
-        timed(request.send()).await?;
+        timed(&self.region, request.send()).await?;
         Ok(Delivery { medium: "none" })
     }
 
@@ -453,7 +453,7 @@ impl Cognito {
             );
         }
 
-        let out = timed(request.send()).await?;
+        let out = timed(&self.region, request.send()).await?;
         let medium = out
             .code_delivery_details()
             .and_then(|d| d.delivery_medium())
@@ -467,9 +467,10 @@ impl Cognito {
     }
 }
 
-/// Sends one call, records its metrics, and turns an SDK error into a
-/// [`CallError`].
+/// Sends one call to `region`, records its metrics, and turns an SDK error
+/// into a [`CallError`].
 async fn timed<T, E>(
+    region: &str,
     send: impl Future<
         Output = Result<
             T,
@@ -485,7 +486,7 @@ where
     let elapsed = started.elapsed();
     match result {
         Ok(out) => {
-            telemetry::cognito_request(CallResult::Ok, elapsed);
+            telemetry::cognito_request(region, CallResult::Ok, elapsed);
             Ok(out)
         }
         Err(err) => {
@@ -495,7 +496,7 @@ where
                 ErrorCode::TooManyRequests => CallResult::Throttled,
                 code => CallResult::Error(code.as_str()),
             };
-            telemetry::cognito_request(result, elapsed);
+            telemetry::cognito_request(region, result, elapsed);
             Err(call_error)
         }
     }
