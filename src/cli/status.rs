@@ -19,7 +19,7 @@ use crate::config::Settings;
 const SHOWN: &[(&str, Option<&str>)] = &[
     ("reset_worker_jobs_total", Some("outcome")),
     ("reset_worker_cognito_requests_total", Some("result")),
-    ("reset_worker_rate_limit_per_second", None),
+    ("reset_worker_rate_limit_per_second", Some("region")),
     ("reset_worker_in_flight_jobs", None),
 ];
 
@@ -35,7 +35,10 @@ pub struct QueueStatus {
 pub struct Status {
     pub queue: QueueStatus,
     pub dead_letter_queue: Option<QueueStatus>,
+    /// `limits.max_rps`: each Region's budget.
     pub max_rps: u32,
+    /// `limits.regions`: the Regions with a budget of their own.
+    pub regions: BTreeMap<String, u32>,
     pub eta_seconds: Option<u64>,
     pub eta: String,
     /// `reset_worker_*` counters from `--metrics-url`, summed by name and
@@ -80,6 +83,12 @@ pub async fn status(
         queue: main,
         dead_letter_queue: dlq,
         max_rps: rps,
+        regions: settings
+            .limits
+            .regions
+            .iter()
+            .map(|(region, r)| (region.clone(), r.max_rps))
+            .collect(),
         worker,
         ledger: None,
     })
@@ -129,10 +138,18 @@ impl fmt::Display for Status {
                 d.visible, d.in_flight, d.delayed
             )?;
         }
+        for (region, rps) in &self.regions {
+            writeln!(f, "rate in {region:<8} {rps} calls/s (limits.regions)")?;
+        }
         writeln!(
             f,
-            "rate             {} calls/s (limits.max_rps)",
-            self.max_rps
+            "rate             {} calls/s{} (limits.max_rps)",
+            self.max_rps,
+            if self.regions.is_empty() {
+                ""
+            } else {
+                " in every other Region"
+            }
         )?;
         writeln!(f, "ETA              {} (jobs left in the queue)", self.eta)?;
         if let Some(l) = &self.ledger {
@@ -206,11 +223,19 @@ mod tests {
 
     #[test]
     fn summarizes_counters_by_outcome() {
-        let text = "# HELP x\nreset_worker_jobs_total{outcome=\"sent\"} 3\nreset_worker_jobs_total{outcome=\"skipped\"} 1\nreset_worker_cognito_requests_total{result=\"ok\",code=\"none\"} 4\nreset_worker_cognito_requests_total{result=\"ok\",code=\"x\"} 1\nreset_worker_rate_limit_per_second 10\nother_total 5\n";
+        let text = "# HELP x\nreset_worker_jobs_total{outcome=\"sent\"} 3\nreset_worker_jobs_total{outcome=\"skipped\"} 1\nreset_worker_cognito_requests_total{result=\"ok\",code=\"none\"} 4\nreset_worker_cognito_requests_total{result=\"ok\",code=\"x\"} 1\nreset_worker_rate_limit_per_second{region=\"eu-west-1\"} 10\nreset_worker_rate_limit_per_second{region=\"us-east-1\"} 4.5\nother_total 5\n";
         let m = summarize_metrics(text).unwrap();
         assert_eq!(m["reset_worker_jobs_total{outcome=\"sent\"}"], 3.0);
         assert_eq!(m["reset_worker_cognito_requests_total{result=\"ok\"}"], 5.0);
-        assert_eq!(m["reset_worker_rate_limit_per_second"], 10.0);
-        assert_eq!(m.len(), 4, "{m:?}");
+        // One rate per Region.
+        assert_eq!(
+            m["reset_worker_rate_limit_per_second{region=\"eu-west-1\"}"],
+            10.0
+        );
+        assert_eq!(
+            m["reset_worker_rate_limit_per_second{region=\"us-east-1\"}"],
+            4.5
+        );
+        assert_eq!(m.len(), 5, "{m:?}");
     }
 }
