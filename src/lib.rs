@@ -19,7 +19,7 @@
 //! - [`aws`]: the services behind small facades: [`aws::sqs`] (the queue), [`aws::deleter`]
 //!   (batched deletes), [`aws::resend`] (dead-letter copies, FIFO deferrals), [`aws::cognito`]
 //!   (the reset call, `SecretHash`, error codes; SDK retries off).
-//! - [`rate`]: the request-rate cap (`governor`): hard, adaptive (a CUBIC-shaped climb after throttling) and live.
+//! - [`rate`]: the request-rate cap (`governor`), one limiter per Region: hard, adaptive (a CUBIC-shaped climb after throttling) and live.
 //! - [`backoff`]: the one retry schedule (exponential, full jitter) for every retry.
 //! - [`job`]: parses a message body into a [`job::ResetJob`]; the keyed user hash for logs.
 //! - [`crypto`]: the one keyed hash (HMAC-SHA256).
