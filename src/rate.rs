@@ -498,6 +498,12 @@ const REGION_BUSY_FACTOR: f64 = 4.0;
 const REGION_BUSY_MIN: Duration = Duration::from_secs(5);
 const REGION_BUSY_MAX: Duration = Duration::from_secs(60);
 
+/// How many jobs a Region may hold at once when there are several.
+fn region_cap(limiter: &RateLimiter) -> usize {
+    let rate = limiter.effective_rate().max(MIN_RATE);
+    ((rate * REGION_HOLD_SECONDS).ceil() as usize).max(REGION_MIN_HELD)
+}
+
 /// A job's place among its Region's jobs; frees it when dropped.
 pub struct Held {
     count: Arc<AtomicUsize>,
@@ -536,6 +542,21 @@ impl Limiters {
         Self { by_region }
     }
 
+    /// The jobs held by Regions that hold their full share of the slots
+    /// (with several Regions; 0 with one).
+    pub fn held_by_busy_regions(&self) -> usize {
+        if self.by_region.len() < 2 {
+            return 0;
+        }
+        self.by_region
+            .values()
+            .map(|l| {
+                let held = l.entered.load(Ordering::Acquire);
+                if held >= region_cap(l) { held } else { 0 }
+            })
+            .sum()
+    }
+
     /// Lets a job for `region` in, or turns it away while that Region holds
     /// [`REGION_HOLD_SECONDS`] of its effective rate in jobs (with a single
     /// Region nobody else waits for the slots, so every job is let in).
@@ -554,8 +575,7 @@ impl Limiters {
         };
         if self.by_region.len() > 1 {
             let rate = limiter.effective_rate().max(MIN_RATE);
-            let cap = ((rate * REGION_HOLD_SECONDS).ceil() as usize).max(REGION_MIN_HELD);
-            if before >= cap {
+            if before >= region_cap(limiter) {
                 drop(held);
                 let drain = Duration::from_secs_f64(before as f64 / rate * REGION_BUSY_FACTOR);
                 return Entry::Busy(drain.clamp(REGION_BUSY_MIN, REGION_BUSY_MAX));
@@ -801,6 +821,9 @@ mod tests {
         let a = limiters.enter("eu-west-1");
         let b = limiters.enter("eu-west-1");
         assert!(matches!(a, Entry::In(..)) && matches!(b, Entry::In(..)));
+        // Its two slots free at its pace: the receive loop does not wait
+        // for them.
+        assert_eq!(limiters.held_by_busy_regions(), 2);
         let Entry::Busy(delay) = limiters.enter("eu-west-1") else {
             panic!("a third job for a 1/s Region is let in");
         };
@@ -810,13 +833,16 @@ mod tests {
         let us: Vec<Entry> = (0..200).map(|_| limiters.enter("us-east-1")).collect();
         assert!(us.iter().all(|e| matches!(e, Entry::In(..))));
         assert!(matches!(limiters.enter("us-east-1"), Entry::Busy(_)));
+        assert_eq!(limiters.held_by_busy_regions(), 202);
         // A job that ends makes room.
         drop(a);
+        assert_eq!(limiters.held_by_busy_regions(), 200);
         assert!(matches!(limiters.enter("eu-west-1"), Entry::In(..)));
         // A single Region has nobody to make room for: every job goes in.
         let alone = Limiters::new(&settings, ["eu-west-1".into()]);
         let all: Vec<Entry> = (0..50).map(|_| alone.enter("eu-west-1")).collect();
         assert!(all.iter().all(|e| matches!(e, Entry::In(..))));
+        assert_eq!(alone.held_by_busy_regions(), 0);
     }
 
     /// Real clock: governor runs on its own clock, so tokio's paused time

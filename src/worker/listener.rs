@@ -227,7 +227,10 @@ impl Listener {
             _ = stop.cancelled() => return None,
             permit = permits.clone().acquire_owned() => permit.ok()?,
         };
-        let want = MAX_BATCH.min(self.concurrency);
+        // Slots held by a Region at its share of them free at that Region's
+        // (slow) pace: waiting for them would hold the other Regions back.
+        let stuck = self.shared.limiters.held_by_busy_regions();
+        let want = MAX_BATCH.min(self.concurrency.saturating_sub(stuck)).max(1);
         let rate = self.shared.limiters.effective_rate().max(1.0);
         let fill_until = tokio::time::Instant::now()
             + Duration::from_secs_f64((want as f64 / rate).min(MAX_FILL_WAIT_SECONDS));
