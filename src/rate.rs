@@ -376,6 +376,7 @@ impl RateLimiter {
         self.with_adaptive(|a| {
             if a.cubic.throttled(Instant::now(), call_started) {
                 tracing::info!(
+                    region = %self.region,
                     effective_rps = format!("{:.1}", a.cubic.effective),
                     "throttled by Cognito; slowing down"
                 );

@@ -98,7 +98,12 @@ async fn a_throttled_region_does_not_hold_back_another() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let east_calls = east.accepted_usernames().len();
-    eprintln!("eu-west-1 done; us-east-1 calls so far: {east_calls}");
+    let west_times = west.accepted_call_times();
+    let span = west_times[west_times.len() - 1].duration_since(west_times[0]);
+    eprintln!(
+        "eu-west-1 done: {JOBS_PER_REGION} calls in {:.2} s; us-east-1 calls so far: {east_calls}",
+        span.as_secs_f64()
+    );
     stop.cancel();
     let summary = tokio::time::timeout(Duration::from_secs(60), run)
         .await

@@ -211,7 +211,8 @@ impl Settings {
                 return Err(ConfigError::InvalidKey {
                     key: key("max_rps"),
                     problem: format!(
-                        "is {}; it must be between 1 and 10000 (pause the campaign with                          `limits.max_rps = 0`)",
+                        "is {}; it must be between 1 and 10000 (pause the campaign with \
+                         `limits.max_rps = 0`)",
                         r.max_rps
                     ),
                 });

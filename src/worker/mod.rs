@@ -214,7 +214,19 @@ impl Worker {
         let (deleter, batcher) = Deleter::new(queue.clone(), delete_flush_interval(settings));
         let hasher = UserHasher::new(settings.logging.username_hash_key.clone());
         let pools = Pools::new(&cognito, &settings.cognito);
-        let limiters = Arc::new(Limiters::new(&settings.limits, pools.regions()));
+        let regions = pools.regions();
+        for region in settings.limits.regions.keys() {
+            if !regions.contains(region) {
+                // Most likely a typo (`eu-west-2` for `eu-west-1`): say so
+                // rather than leave the Region it meant on the default.
+                tracing::warn!(
+                    region = %region,
+                    pools_regions = ?regions,
+                    "limits.regions names a Region no pool calls; it has no effect"
+                );
+            }
+        }
+        let limiters = Arc::new(Limiters::new(&settings.limits, regions));
         let shared = Shared {
             queue,
             deleter,
