@@ -60,6 +60,8 @@ LEDGER_IAM = {
                                        "dynamodb:DeleteItem", "dynamodb:DescribeTable"}),
     "policy-ledger-init.json": ("CampaignLedgerInit", {"dynamodb:CreateTable", "dynamodb:DescribeTable",
                                                        "dynamodb:DescribeTimeToLive", "dynamodb:UpdateTimeToLive"}),
+    # `report --refresh-status`: the report's Query and each user's status (UpdateItem).
+    "policy-refresh-status.json": ("CampaignLedgerRefresh", {"dynamodb:Query", "dynamodb:UpdateItem"}),
 }
 # The table `reset-worker ledger init` makes and the worker checks (src/ledger/dynamodb.rs).
 LEDGER_KEY = [("campaign", "HASH"), ("username", "RANGE")]

@@ -284,7 +284,7 @@ fn gcra(rate: f64, burst: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
 /// `until_ready` sleeps on futures-timer, whose helper thread wakes apart
 /// from the runtime's: a second timer thread and a cross-thread wake-up for
 /// every call at the cap.
-async fn until_ready(limiter: &DefaultDirectRateLimiter) {
+pub(crate) async fn until_ready(limiter: &DefaultDirectRateLimiter) {
     loop {
         match limiter.check() {
             Ok(()) => return,

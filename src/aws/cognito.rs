@@ -280,6 +280,15 @@ pub struct Delivery {
     pub medium: &'static str,
 }
 
+/// What `AdminGetUser` says of a user, for `report --refresh-status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserState {
+    /// Cognito's `UserStatus` (`CONFIRMED`, `RESET_REQUIRED`, ...).
+    pub status: String,
+    /// Cognito's `UserLastModifiedDate`, ms since the epoch.
+    pub modified_at_ms: Option<u64>,
+}
+
 /// The app client secret, replaceable while running (a rotated Kubernetes
 /// Secret file is re-read by the config watcher). A std `RwLock`: read once
 /// per call, never held across an await.
@@ -377,6 +386,37 @@ impl Cognito {
     fn client_metadata(&self, job: &ResetJob) -> Option<HashMap<String, String>> {
         let merged = job.merged_metadata(&self.default_metadata);
         (!merged.is_empty()).then(|| merged.into_iter().collect())
+    }
+
+    /// The pool's ID (`cognito.user_pool_id` or
+    /// `cognito.pools.NAME.user_pool_id`), if configured.
+    pub fn user_pool_id(&self) -> Option<&str> {
+        self.user_pool_id.as_deref()
+    }
+
+    /// The user's `UserStatus` and `UserLastModifiedDate` (ms since the
+    /// epoch), by one `AdminGetUser` (`report --refresh-status`); `None`
+    /// when the pool has no such user. No retry here: the caller paces and
+    /// retries.
+    pub async fn user_status(&self, username: &str) -> Result<Option<UserState>, CallError> {
+        let request = self
+            .client
+            .admin_get_user()
+            .set_user_pool_id(self.user_pool_id.clone())
+            .username(username);
+        match timed(&self.region, request.send()).await {
+            Ok(out) => Ok(Some(UserState {
+                status: out
+                    .user_status()
+                    .map_or_else(|| "UNKNOWN".to_owned(), |s| s.as_str().to_owned()),
+                modified_at_ms: out
+                    .user_last_modified_date()
+                    .and_then(|d| d.to_millis().ok())
+                    .and_then(|ms| u64::try_from(ms).ok()),
+            })),
+            Err(err) if err.code == ErrorCode::UserNotFound => Ok(None),
+            Err(err) => Err(err),
+        }
     }
 
     /// Runs the configured action for one job.

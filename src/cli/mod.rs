@@ -86,7 +86,9 @@ enum Command {
     },
     /// Write the campaign's ledger, one row per user
     /// (`username,state,reason,attempts,updated_at`), sorted by username;
-    /// a summary of counts per state goes to stderr.
+    /// a summary of counts per state goes to stderr. With --refresh-status,
+    /// first read each pending `sent` user's Cognito status (AdminGetUser)
+    /// and add `user_status,checked_at,completion`.
     Report {
         #[command(flatten)]
         config: ConfigArg,
@@ -161,6 +163,9 @@ impl Cli {
                 Some(pool) => settings.check_pool(pool),
                 None => Ok(()),
             },
+            Command::Report { args, .. } if args.refresh_status => {
+                settings.check_status_pool(args.pool())
+            }
             _ => Ok(()),
         };
         if let Err(err) = checked {
@@ -197,6 +202,8 @@ impl Cli {
                     _ => err.chain().any(|e| {
                         e.downcast_ref::<LedgerError>()
                             .is_some_and(LedgerError::is_fatal)
+                            || e.downcast_ref::<report::RefreshError>()
+                                .is_some_and(report::RefreshError::is_fatal)
                     }),
                 };
                 tracing::error!(

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::estimate;
 use super::preflight::count;
-use super::report::Counts;
+use super::report::{CompletionCounts, Counts};
 use crate::aws::sqs::{Queue, QueueError};
 use crate::config::Settings;
 
@@ -53,6 +53,9 @@ pub struct CampaignCounts {
     pub campaign: String,
     pub users: u64,
     pub states: Counts,
+    /// The `sent` users by completion, when `report --refresh-status` has
+    /// checked any.
+    pub completion: Option<CompletionCounts>,
 }
 
 async fn queue_status(queue: &Queue, url: &str) -> Result<QueueStatus, QueueError> {
@@ -159,6 +162,14 @@ impl fmt::Display for Status {
                 l.campaign, l.users
             )?;
             writeln!(f, "  {}", l.states.line())?;
+            if let Some(c) = &l.completion {
+                writeln!(
+                    f,
+                    "  of the sent: {} (checked {}; `report --refresh-status` updates)",
+                    c.line(),
+                    c.checked
+                )?;
+            }
         }
         if let Some(worker) = &self.worker {
             writeln!(f, "worker")?;
@@ -202,11 +213,12 @@ pub async fn run(
     let queue = super::queue(settings).await;
     let mut status = status(settings, &queue, worker).await?;
     if let Some(campaign) = campaign {
-        let states = super::report::status_counts(settings, &campaign).await?;
+        let (states, completion) = super::report::status_counts(settings, &campaign).await?;
         status.ledger = Some(CampaignCounts {
             campaign,
             users: states.total(),
             states,
+            completion: (completion.checked > 0).then_some(completion),
         });
     }
     if json {

@@ -109,6 +109,32 @@ impl Settings {
         ))
     }
 
+    /// `report --refresh-status --pool NAME`: the pool must be configured
+    /// and have a `user_pool_id` (AdminGetUser needs it, whatever the
+    /// pool's action).
+    pub fn check_status_pool(&self, name: &str) -> Result<(), ConfigError> {
+        self.check_pool(name)?;
+        let has_id = self
+            .cognito
+            .all_pools()
+            .iter()
+            .any(|p| p.name == name && p.user_pool_id.is_some());
+        if has_id {
+            return Ok(());
+        }
+        const PROBLEM: &str = "is not set; `report --refresh-status` reads each user's status \
+                               with AdminGetUser, which needs the user pool ID";
+        Err(if name == DEFAULT_POOL {
+            invalid("cognito.user_pool_id", PROBLEM)
+        } else {
+            ConfigError::InvalidPool {
+                pool: name.to_owned(),
+                key: "user_pool_id",
+                problem: PROBLEM.to_owned(),
+            }
+        })
+    }
+
     /// `run --until-empty` needs long polls: a short poll (wait 0) samples
     /// only some of SQS's servers and can come back empty while messages
     /// wait, so the worker would report "drained" too early.

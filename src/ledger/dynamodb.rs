@@ -29,7 +29,7 @@ use aws_sdk_dynamodb::types::{
 use tokio::sync::mpsc;
 
 use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
+    Backend, Checked, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
     decide_claim,
 };
 use crate::backoff::Backoff;
@@ -97,6 +97,13 @@ fn get_n(item: &HashMap<String, AttributeValue>, name: &str) -> u64 {
         .and_then(|v| v.as_n().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A number attribute that may be absent (`None`, not 0).
+fn get_opt_n(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn stored(item: &HashMap<String, AttributeValue>) -> Option<Stored<'_>> {
@@ -269,9 +276,12 @@ impl Backend for Dynamo {
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key_item(key)))
+            // A new reset makes an earlier `report --refresh-status` check
+            // stale: it is dropped.
             .update_expression(
                 "SET #state = :state, reason = :reason, attempts = :attempts, \
-                 lease_until = :zero, updated_at = :now, expires_at = :expires",
+                 lease_until = :zero, updated_at = :now, expires_at = :expires \
+                 REMOVE user_status, user_modified_at, checked_at",
             )
             .expression_attribute_names("#state", "state")
             .expression_attribute_values(":state", s(done.state.as_str()))
@@ -287,6 +297,32 @@ impl Backend for Dynamo {
                 .expression_attribute_names("#owner", "owner")
                 .expression_attribute_values(":owner", s(owner.as_str()));
         }
+        applied(request.send().await)
+    }
+
+    async fn record_status(&self, key: Key<'_>, checked: Checked<'_>) -> Result<bool, LedgerError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(key)))
+            // `#state = :sent` also fails when the item does not exist: a
+            // check never creates an entry.
+            .condition_expression("#state = :sent")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":sent", s(State::Sent.as_str()))
+            .expression_attribute_values(":status", s(checked.user_status))
+            .expression_attribute_values(":checked", n(checked.checked_at_ms));
+        request = match checked.modified_at_ms {
+            Some(modified) => request
+                .update_expression(
+                    "SET user_status = :status, checked_at = :checked, user_modified_at = :modified",
+                )
+                .expression_attribute_values(":modified", n(modified)),
+            None => request.update_expression(
+                "SET user_status = :status, checked_at = :checked REMOVE user_modified_at",
+            ),
+        };
         applied(request.send().await)
     }
 
@@ -369,7 +405,10 @@ impl Backend for Dynamo {
                 .table_name(&self.table)
                 .key_condition_expression("campaign = :c")
                 .expression_attribute_values(":c", s(campaign))
-                .projection_expression("username, #state, reason, attempts, updated_at, expires_at")
+                .projection_expression(
+                    "username, #state, reason, attempts, updated_at, expires_at, \
+                     user_status, user_modified_at, checked_at",
+                )
                 .expression_attribute_names("#state", "state")
                 .limit(PAGE)
                 .set_exclusive_start_key(start.take())
@@ -388,6 +427,9 @@ impl Backend for Dynamo {
                     reason: get_s(&item, "reason").unwrap_or_default().to_owned(),
                     attempts: get_n(&item, "attempts") as u32,
                     updated_at_ms: get_n(&item, "updated_at"),
+                    user_status: get_s(&item, "user_status").map(str::to_owned),
+                    user_modified_at_ms: get_opt_n(&item, "user_modified_at"),
+                    checked_at_ms: get_opt_n(&item, "checked_at"),
                 };
                 if out.send(Ok(entry)).await.is_err() {
                     return Ok(());

@@ -13,7 +13,8 @@ use moka::sync::Cache;
 use tokio::sync::mpsc;
 
 use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, Member, Owner, State, Stored, decide_claim,
+    Backend, Checked, Claim, Entry, Final, Key, LedgerError, Member, Owner, State, Stored,
+    decide_claim,
 };
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,11 @@ struct Row {
     attempts: u32,
     updated_at_ms: u64,
     expires_at_s: u64,
+    /// What `report --refresh-status` found; the memory ledger is never
+    /// reported outside its process, but it keeps the same fields.
+    user_status: Option<String>,
+    user_modified_at_ms: Option<u64>,
+    checked_at_ms: Option<u64>,
 }
 
 pub struct Memory {
@@ -82,6 +88,9 @@ impl Backend for Memory {
                         attempts: *prior_attempts,
                         updated_at_ms: now_ms,
                         expires_at_s,
+                        user_status: None,
+                        user_modified_at_ms: None,
+                        checked_at_ms: None,
                     })
                 }
                 Claim::AlreadySent | Claim::Held { .. } => Op::Nop,
@@ -141,8 +150,29 @@ impl Backend for Memory {
                 attempts: done.attempts,
                 updated_at_ms: now_ms,
                 expires_at_s,
+                user_status: None,
+                user_modified_at_ms: None,
+                checked_at_ms: None,
             })
         });
+        Ok(written)
+    }
+
+    async fn record_status(&self, key: Key<'_>, checked: Checked<'_>) -> Result<bool, LedgerError> {
+        let mut written = false;
+        self.rows
+            .entry(id(key))
+            .and_compute_with(|current| match current {
+                Some(e) if e.value().state == State::Sent => {
+                    written = true;
+                    let mut row = e.into_value();
+                    row.user_status = Some(checked.user_status.to_owned());
+                    row.user_modified_at_ms = checked.modified_at_ms;
+                    row.checked_at_ms = Some(checked.checked_at_ms);
+                    Op::Put(row)
+                }
+                _ => Op::Nop,
+            });
         Ok(written)
     }
 
@@ -180,6 +210,9 @@ impl Backend for Memory {
                 reason: row.reason.clone(),
                 attempts: row.attempts,
                 updated_at_ms: row.updated_at_ms,
+                user_status: row.user_status.clone(),
+                user_modified_at_ms: row.user_modified_at_ms,
+                checked_at_ms: row.checked_at_ms,
             })
             .collect();
         rows.sort_by(|a, b| a.username.cmp(&b.username));

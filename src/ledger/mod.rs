@@ -116,8 +116,88 @@ pub struct Entry {
     pub reason: String,
     /// Cognito calls made for the user over all deliveries.
     pub attempts: u32,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch. For a `sent` entry: when the reset
+    /// was recorded, which [`completion`] compares Cognito's modification
+    /// date with.
     pub updated_at_ms: u64,
+    /// The user's Cognito `UserStatus` at the last `report --refresh-status`
+    /// (or [`NOT_FOUND`]); `None` when never checked.
+    pub user_status: Option<String>,
+    /// Cognito's `UserLastModifiedDate` at that check, ms since the epoch.
+    pub user_modified_at_ms: Option<u64>,
+    /// When that check was made, ms since the epoch.
+    pub checked_at_ms: Option<u64>,
+}
+
+impl Entry {
+    /// Where the user stands after the reset, by [`completion`]; `None`
+    /// when the entry is not `sent` or was never checked.
+    pub fn completion(&self) -> Option<Completion> {
+        if self.state != State::Sent {
+            return None;
+        }
+        let status = self.user_status.as_deref()?;
+        Some(completion(
+            status,
+            self.user_modified_at_ms,
+            self.updated_at_ms,
+        ))
+    }
+}
+
+/// The `user_status` recorded for a user Cognito no longer has
+/// (`UserNotFoundException`): not one of Cognito's own statuses.
+pub const NOT_FOUND: &str = "NOT_FOUND";
+
+/// Where a `sent` user stands after their reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// They set a new password after the reset.
+    Completed,
+    /// Not yet (or nothing shows it).
+    Pending,
+    /// Cognito no longer has the user.
+    NotFound,
+}
+
+impl Completion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::Completed => "completed",
+            Completion::Pending => "pending",
+            Completion::NotFound => "not_found",
+        }
+    }
+}
+
+/// The completion rule, one place for the refresh and the report: has a
+/// user whose reset was recorded at `reset_at_ms` set a new password, given
+/// their Cognito `user_status` and `UserLastModifiedDate` (`modified_at_ms`)?
+///
+/// Cognito has no "password changed at" field, so a modification after the
+/// reset is the evidence: `RESET_REQUIRED` and `FORCE_CHANGE_PASSWORD` wait
+/// for a new password whatever the date; any other status (`CONFIRMED`
+/// above all) counts as completed only when the user was modified after the
+/// reset. `forgot_password` leaves a user `CONFIRMED` until they confirm a
+/// new password, so `CONFIRMED` alone proves nothing.
+pub fn completion(user_status: &str, modified_at_ms: Option<u64>, reset_at_ms: u64) -> Completion {
+    match user_status {
+        NOT_FOUND => Completion::NotFound,
+        "RESET_REQUIRED" | "FORCE_CHANGE_PASSWORD" => Completion::Pending,
+        _ if modified_at_ms.is_some_and(|m| m > reset_at_ms) => Completion::Completed,
+        _ => Completion::Pending,
+    }
+}
+
+/// What one `AdminGetUser` found, for [`Backend::record_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked<'a> {
+    /// Cognito's `UserStatus`, or [`NOT_FOUND`].
+    pub user_status: &'a str,
+    /// Cognito's `UserLastModifiedDate`, ms since the epoch.
+    pub modified_at_ms: Option<u64>,
+    /// When the check was made, ms since the epoch.
+    pub checked_at_ms: u64,
 }
 
 /// Who holds a claim: this worker and a number unique to the claim, so a
@@ -217,6 +297,11 @@ pub trait Backend: Send + Sync {
         now_ms: u64,
         expires_at_s: u64,
     ) -> Result<bool, LedgerError>;
+
+    /// Records a `sent` user's Cognito status (`report --refresh-status`).
+    /// `false`: the entry is gone or no longer `sent`, and nothing was
+    /// written.
+    async fn record_status(&self, key: Key<'_>, checked: Checked<'_>) -> Result<bool, LedgerError>;
 
     /// Which of `usernames` (at most [`LOOKUP_BATCH`]) are `sent` in the campaign.
     async fn sent_among(
@@ -385,6 +470,16 @@ impl Ledger {
             self.backend.finish(key, owner, done, now, expires),
         )
         .await
+    }
+
+    /// Records what `AdminGetUser` said of a `sent` user; `false` when the
+    /// entry is no longer `sent`.
+    pub async fn record_status(
+        &self,
+        key: Key<'_>,
+        checked: Checked<'_>,
+    ) -> Result<bool, LedgerError> {
+        timed("record_status", self.backend.record_status(key, checked)).await
     }
 
     pub async fn sent_among(
@@ -573,6 +668,73 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_completion_rule() {
+        let reset = 1_000_000;
+        // Reset by AdminResetUserPassword: waiting for a new password,
+        // whatever the date says.
+        assert_eq!(
+            completion("RESET_REQUIRED", Some(reset + 5000), reset),
+            Completion::Pending
+        );
+        assert_eq!(
+            completion("FORCE_CHANGE_PASSWORD", Some(reset + 5000), reset),
+            Completion::Pending
+        );
+        // A new password set after the reset.
+        assert_eq!(
+            completion("CONFIRMED", Some(reset + 1), reset),
+            Completion::Completed
+        );
+        // ForgotPassword leaves the user CONFIRMED: not modified since the
+        // reset (or at its very moment) is not done.
+        assert_eq!(
+            completion("CONFIRMED", Some(reset - 1), reset),
+            Completion::Pending
+        );
+        assert_eq!(
+            completion("CONFIRMED", Some(reset), reset),
+            Completion::Pending
+        );
+        assert_eq!(completion("CONFIRMED", None, reset), Completion::Pending);
+        // Any other status modified after the reset counts as done; not
+        // modified, as pending.
+        assert_eq!(
+            completion("EXTERNAL_PROVIDER", Some(reset + 1), reset),
+            Completion::Completed
+        );
+        assert_eq!(
+            completion("UNCONFIRMED", Some(reset - 1), reset),
+            Completion::Pending
+        );
+        // Gone from the pool: a bucket of its own, whatever the dates.
+        assert_eq!(completion(NOT_FOUND, None, reset), Completion::NotFound);
+        assert_eq!(
+            completion(NOT_FOUND, Some(reset + 1), reset),
+            Completion::NotFound
+        );
+    }
+
+    #[test]
+    fn only_checked_sent_entries_have_a_completion() {
+        let mut entry = Entry {
+            username: "u".into(),
+            state: State::Sent,
+            reason: "ok".into(),
+            attempts: 1,
+            updated_at_ms: 1000,
+            user_status: None,
+            user_modified_at_ms: None,
+            checked_at_ms: None,
+        };
+        assert_eq!(entry.completion(), None);
+        entry.user_status = Some("CONFIRMED".into());
+        entry.user_modified_at_ms = Some(2000);
+        assert_eq!(entry.completion(), Some(Completion::Completed));
+        entry.state = State::Skipped;
+        assert_eq!(entry.completion(), None);
     }
 
     #[test]

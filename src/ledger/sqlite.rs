@@ -17,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
 use super::{
-    Backend, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
+    Backend, Checked, Claim, Entry, Final, Key, LedgerError, MEMBERS, Member, Owner, State, Stored,
     decide_claim,
 };
 
@@ -39,9 +39,43 @@ CREATE TABLE IF NOT EXISTS ledger (
     lease_until INTEGER NOT NULL DEFAULT 0,
     updated_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL,
+    user_status TEXT,
+    user_modified_at INTEGER,
+    checked_at  INTEGER,
     PRIMARY KEY (campaign, username)
 ) WITHOUT ROWID;
 ";
+
+/// Columns added after the first schema (`report --refresh-status`), with
+/// their types: a file written by an older version lacks them, and
+/// [`migrate`] adds them. All nullable, so old rows read as never checked.
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("user_status", "TEXT"),
+    ("user_modified_at", "INTEGER"),
+    ("checked_at", "INTEGER"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a file from an older version lacks. Another
+/// process opening the same file may add one first: a failed `ALTER` is
+/// fine if the column is there now.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare("SELECT 1 FROM pragma_table_info('ledger') WHERE name = ?1")?;
+        stmt.exists(params![column])
+    };
+    for (column, kind) in ADDED_COLUMNS {
+        if has(column)? {
+            continue;
+        }
+        if let Err(err) =
+            conn.execute_batch(&format!("ALTER TABLE ledger ADD COLUMN {column} {kind}"))
+            && !has(column)?
+        {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
 
 pub struct Sqlite {
     /// The one connection; a std mutex, held for one statement or
@@ -61,6 +95,7 @@ impl Sqlite {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| fatal_at(path, e))?;
         conn.execute_batch(SCHEMA).map_err(|e| fatal_at(path, e))?;
+        migrate(&conn).map_err(|e| fatal_at(path, e))?;
         conn.execute(
             "DELETE FROM ledger WHERE expires_at < ?1",
             params![(super::now_ms() / 1000) as i64],
@@ -213,7 +248,8 @@ impl Backend for Sqlite {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8)
                  ON CONFLICT (campaign, username) DO UPDATE SET
                    state = ?3, reason = ?4, attempts = ?5, lease_until = 0,
-                   updated_at = ?7, expires_at = ?8
+                   updated_at = ?7, expires_at = ?8,
+                   user_status = NULL, user_modified_at = NULL, checked_at = NULL
                  WHERE ?3 = 'sent' OR ledger.owner = ?6",
                 params![
                     campaign,
@@ -225,6 +261,22 @@ impl Backend for Sqlite {
                     now_ms as i64,
                     expires_at_s as i64
                 ],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn record_status(&self, key: Key<'_>, checked: Checked<'_>) -> Result<bool, LedgerError> {
+        let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
+        let status = checked.user_status.to_owned();
+        let modified = checked.modified_at_ms.map(|m| m as i64);
+        let at = checked.checked_at_ms as i64;
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "UPDATE ledger SET user_status = ?3, user_modified_at = ?4, checked_at = ?5
+                 WHERE campaign = ?1 AND username = ?2 AND state = 'sent'",
+                params![campaign, username, status, modified, at],
             )?;
             Ok(changed == 1)
         })
@@ -270,7 +322,8 @@ impl Backend for Sqlite {
             let page: Vec<Entry> = self
                 .with(move |conn| {
                     let mut stmt = conn.prepare_cached(
-                        "SELECT username, state, reason, attempts, updated_at FROM ledger
+                        "SELECT username, state, reason, attempts, updated_at,
+                                user_status, user_modified_at, checked_at FROM ledger
                          WHERE campaign = ?1 AND (?2 IS NULL OR username > ?2) AND expires_at > ?3
                          ORDER BY username LIMIT ?4",
                     )?;
@@ -283,6 +336,9 @@ impl Backend for Sqlite {
                                 reason: r.get(2)?,
                                 attempts: r.get(3)?,
                                 updated_at_ms: r.get::<_, i64>(4)? as u64,
+                                user_status: r.get(5)?,
+                                user_modified_at_ms: r.get::<_, Option<i64>>(6)?.map(|m| m as u64),
+                                checked_at_ms: r.get::<_, Option<i64>>(7)?.map(|m| m as u64),
                             })
                         })?;
                     rows.collect()
@@ -429,5 +485,54 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(found, HashSet::from(["u".to_owned()]));
+    }
+
+    async fn first_entry(ledger: &Sqlite, now_s: u64) -> Entry {
+        let (tx, mut rx) = mpsc::channel(10);
+        ledger.entries("c1", now_s, tx).await.unwrap();
+        rx.recv().await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_status_is_recorded_on_sent_entries_only_and_a_new_sent_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Sqlite::open(&dir.path().join("l.sqlite3")).unwrap();
+        let w = Owner("w#1".into());
+        let now = now_ms();
+        let exp = now / 1000 + 86_400;
+        let checked = Checked {
+            user_status: "CONFIRMED",
+            modified_at_ms: Some(now + 5),
+            checked_at_ms: now + 10,
+        };
+        // No entry: nothing written, none created.
+        assert!(!ledger.record_status(key("u"), checked).await.unwrap());
+        ledger
+            .claim(key("u"), &w, now, now + 60_000, exp)
+            .await
+            .unwrap();
+        assert!(!ledger.record_status(key("u"), checked).await.unwrap());
+        let sent = Final {
+            state: State::Sent,
+            reason: "ok",
+            attempts: 1,
+        };
+        ledger.finish(key("u"), &w, sent, now, exp).await.unwrap();
+        assert!(ledger.record_status(key("u"), checked).await.unwrap());
+        let entry = first_entry(&ledger, now / 1000).await;
+        assert_eq!(entry.user_status.as_deref(), Some("CONFIRMED"));
+        assert_eq!(entry.user_modified_at_ms, Some(now + 5));
+        assert_eq!(entry.checked_at_ms, Some(now + 10));
+        // A new reset makes the old check meaningless.
+        ledger
+            .finish(key("u"), &w, sent, now + 20, exp)
+            .await
+            .unwrap();
+        let entry = first_entry(&ledger, now / 1000).await;
+        assert_eq!(
+            (entry.user_status, entry.checked_at_ms),
+            (None, None),
+            "cleared"
+        );
     }
 }
