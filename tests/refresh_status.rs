@@ -401,3 +401,73 @@ async fn a_pool_without_an_id_is_a_config_error_and_a_wrong_id_halts() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_refresh_keeps_what_it_read_and_the_rerun_reads_the_rest() {
+    let stack = Stack::new(false, &[]).await;
+    // Six `sent` users the pool does not have: each becomes NOT_FOUND, which
+    // a re-run does not read again.
+    reset_worker::ledger::sqlite::Sqlite::open(std::path::Path::new(&stack.ledger_path)).unwrap();
+    let now = reset_worker::ledger::now_ms() as i64;
+    let conn = rusqlite::Connection::open(&stack.ledger_path).unwrap();
+    for i in 0..6 {
+        conn.execute(
+            "INSERT INTO ledger (campaign, username, state, reason, attempts, updated_at, expires_at)
+             VALUES ('kill', ?1, 'sent', 'ok', 1, ?2, ?3)",
+            rusqlite::params![format!("gone{i}@example.com"), now, now / 1000 + 86_400],
+        )
+        .unwrap();
+    }
+    // One call a second, killed (SIGKILL, as a crash) after about three.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"));
+    cmd.args([
+        "report",
+        "--campaign",
+        "kill",
+        "--refresh-status",
+        "--status-rps",
+        "1",
+    ]);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RESET_WORKER_COGNITO__USER_POOL_ID", &stack.user_pool_id)
+        .envs(stack_env(&stack))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn reset-worker");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let recorded: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM ledger WHERE campaign = 'kill' AND user_status = 'NOT_FOUND'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (1..6).contains(&recorded),
+        "recorded {recorded} before the kill"
+    );
+    let env = [(
+        "RESET_WORKER_COGNITO__USER_POOL_ID",
+        stack.user_pool_id.as_str(),
+    )];
+    let (rows, err) = refresh(&stack, &env, "kill");
+    assert!(
+        err.contains(&format!(
+            "checked {} users with AdminGetUser, skipped {recorded}",
+            6 - recorded
+        )),
+        "{err}"
+    );
+    assert_eq!(with_completion(&rows, "not_found").len(), 6);
+}
