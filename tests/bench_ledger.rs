@@ -19,7 +19,10 @@ use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
 use support::fake_aws::{FakeAws, FakeConfig, WorkerRun, run_worker};
-use support::{free_port, http_get, http_post, max_in_one_second, moto_url, random_suffix};
+use support::{
+    free_port, http_get, http_post, init_dynamodb_ledger, max_in_one_second, moto_url,
+    random_suffix,
+};
 
 struct Run {
     backend: &'static str,
@@ -118,24 +121,7 @@ fn measure(backend: &'static str, scenario: &'static str, moto: Option<&str>) ->
     if let Some(moto) = moto {
         env.push(("AWS_ENDPOINT_URL_DYNAMODB", moto));
         env.push(("RESET_WORKER_LEDGER__TABLE", &table));
-        let init = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
-            .args(["ledger", "init"])
-            .env("RESET_WORKER_SQS__QUEUE_URL", fake.queue_url())
-            .env("RESET_WORKER_COGNITO__CLIENT_ID", "bench")
-            .env("RESET_WORKER_LEDGER__BACKEND", "dynamodb")
-            .env("RESET_WORKER_LEDGER__TABLE", &table)
-            .env("AWS_ENDPOINT_URL_DYNAMODB", moto)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .output()
-            .expect("ledger init");
-        assert!(
-            init.status.success(),
-            "{}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        init_dynamodb_ledger(moto, &table, &fake.queue_url());
     }
     // The last scrape before the worker exits: it drains, then polls an
     // empty queue twice (2 s), so that scrape holds every job's requests.
@@ -196,20 +182,7 @@ fn measure_cluster(workers: usize, moto: &str) -> (f64, usize, f64, f64, bool) {
             .to_string()
     }));
     let table = format!("bench-{}", random_suffix());
-    let init = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
-        .args(["ledger", "init"])
-        .env("RESET_WORKER_SQS__QUEUE_URL", fake.queue_url())
-        .env("RESET_WORKER_COGNITO__CLIENT_ID", "bench")
-        .env("RESET_WORKER_LEDGER__BACKEND", "dynamodb")
-        .env("RESET_WORKER_LEDGER__TABLE", &table)
-        .env("AWS_ENDPOINT_URL_DYNAMODB", moto)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .expect("ledger init");
-    assert!(init.status.success());
+    init_dynamodb_ledger(moto, &table, &fake.queue_url());
     let runs: Vec<WorkerRun> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {

@@ -44,19 +44,7 @@ fn three_workers_share_one_budget_while_they_join_and_die() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let init = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"))
-        .args(["ledger", "init"])
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .output()
-        .expect("ledger init");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    init_dynamodb_ledger(&moto, &table, &queue_url);
 
     let mut a = spawn_worker(&env, &[]);
     let mut b = spawn_worker(&env, &[]);

@@ -857,3 +857,27 @@ pub fn max_in_one_second(times: &[Instant]) -> usize {
     }
     best
 }
+
+/// `reset-worker ledger init` for the DynamoDB ledger `table` on `moto`
+/// (with `queue_url` to make the config whole); panics with its stderr
+/// when it fails.
+pub fn init_dynamodb_ledger(moto: &str, table: &str, queue_url: &str) {
+    let init = Command::new(env!("CARGO_BIN_EXE_reset-worker"))
+        .args(["ledger", "init"])
+        .env("RESET_WORKER_SQS__QUEUE_URL", queue_url)
+        .env("RESET_WORKER_COGNITO__CLIENT_ID", "ledger-init")
+        .env("RESET_WORKER_LEDGER__BACKEND", "dynamodb")
+        .env("RESET_WORKER_LEDGER__TABLE", table)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", moto)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run reset-worker ledger init");
+    assert!(
+        init.status.success(),
+        "ledger init failed: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
