@@ -289,6 +289,30 @@ pub struct UserState {
     pub modified_at_ms: Option<u64>,
 }
 
+/// One user as `ListUsers` shows it, reduced to what `enqueue
+/// --from-user-pool` needs to tell whether a code can reach them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedUser {
+    pub username: String,
+    /// Cognito's `Enabled`; a disabled user cannot reset.
+    pub enabled: bool,
+    /// `email_verified = "true"` and an `email`.
+    pub verified_email: bool,
+    /// `phone_number_verified = "true"` and a `phone_number`.
+    pub verified_phone: bool,
+}
+
+/// One page of `ListUsers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsersPage {
+    pub users: Vec<ListedUser>,
+    /// The token of the next page; `None` on the last.
+    pub next: Option<String>,
+}
+
+/// `ListUsers` page size: Cognito's maximum.
+pub const LIST_USERS_LIMIT: i32 = 60;
+
 /// The app client secret, replaceable while running (a rotated Kubernetes
 /// Secret file is re-read by the config watcher). A std `RwLock`: read once
 /// per call, never held across an await.
@@ -392,6 +416,66 @@ impl Cognito {
     /// `cognito.pools.NAME.user_pool_id`), if configured.
     pub fn user_pool_id(&self) -> Option<&str> {
         self.user_pool_id.as_deref()
+    }
+
+    /// The pool's action (`cognito.action` or the pool's own).
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// One page of `ListUsers` on the pool: `filter` is Cognito's own filter
+    /// syntax, passed as given; `token` the previous page's. Only the
+    /// attributes that tell whether a code can reach the user are asked for,
+    /// so no more personal data than needed crosses the wire. No retry here:
+    /// the caller paces and retries.
+    pub async fn list_users(
+        &self,
+        filter: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<UsersPage, CallError> {
+        const WANTED: [&str; 4] = [
+            "email",
+            "email_verified",
+            "phone_number",
+            "phone_number_verified",
+        ];
+        let request = self
+            .client
+            .list_users()
+            .set_user_pool_id(self.user_pool_id.clone())
+            .limit(LIST_USERS_LIMIT)
+            .set_filter(filter.map(str::to_owned))
+            .set_pagination_token(token.map(str::to_owned))
+            .set_attributes_to_get(Some(WANTED.iter().map(|a| (*a).to_owned()).collect()));
+        let out = timed(&self.region, request.send()).await?;
+        let users = out
+            .users()
+            .iter()
+            .filter_map(|user| {
+                let attribute = |name: &str| {
+                    user.attributes()
+                        .iter()
+                        .find(|a| a.name() == name)
+                        .and_then(|a| a.value())
+                };
+                let has = |name: &str| attribute(name).is_some_and(|v| !v.is_empty());
+                let verified = |name: &str| attribute(name) == Some("true");
+                Some(ListedUser {
+                    username: user.username()?.to_owned(),
+                    // Cognito sends `Enabled` for every listed user.
+                    enabled: user.enabled(),
+                    verified_email: has("email") && verified("email_verified"),
+                    verified_phone: has("phone_number") && verified("phone_number_verified"),
+                })
+            })
+            .collect();
+        Ok(UsersPage {
+            users,
+            next: out
+                .pagination_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned),
+        })
     }
 
     /// The user's `UserStatus` and `UserLastModifiedDate` (ms since the

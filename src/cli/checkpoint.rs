@@ -21,8 +21,30 @@ pub struct Checkpoint {
     /// SHA-256 of the validated job bodies, in order.
     pub digest: String,
     pub total_jobs: usize,
-    /// Indices of the jobs SQS accepted.
+    /// Indices of the jobs SQS accepted (`--from-user-pool`: of the page
+    /// being sent).
     pub sent: BTreeSet<usize>,
+    /// `--from-user-pool`: SHA-256 of (user pool ID, filter, campaign), the
+    /// listing this checkpoint follows. Absent for a file's checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `--from-user-pool`: the `ListUsers` token of the page being sent
+    /// (`None`: the first page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagination_token: Option<String>,
+    /// `--from-user-pool`: pages fully enqueued.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: u64,
+    /// `--from-user-pool`: jobs enqueued by those pages.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub enqueued: u64,
+    /// `--from-user-pool`: the last page was enqueued.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finished: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// SHA-256, hex, of the job bodies in order (each followed by a newline).

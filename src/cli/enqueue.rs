@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 pub use super::checkpoint::{Checkpoint, digest};
 use super::estimate;
@@ -61,6 +62,11 @@ pub enum EnqueueError {
     Incomplete { failed: usize },
     #[error("interrupted: {sent} of {total} jobs sent and recorded; re-run with --resume")]
     Interrupted { sent: usize, total: usize },
+    /// `--from-user-pool`: stopped by a signal; the total is not known.
+    #[error(
+        "interrupted: {enqueued} jobs enqueued and recorded ({pages} pages done); re-run with --resume"
+    )]
+    InterruptedListing { enqueued: u64, pages: u64 },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
@@ -154,16 +160,15 @@ pub async fn send(
                 digest: digest.clone(),
                 total_jobs: jobs.len(),
                 sent: BTreeSet::new(),
+                ..Checkpoint::default()
             },
         },
         None => Checkpoint::default(),
     };
-    let fifo = is_fifo(queue.url());
     let already = checkpoint.sent.len();
     let pending: Vec<usize> = (0..jobs.len())
         .filter(|i| !checkpoint.sent.contains(i) && !skip.contains(i))
         .collect();
-    let mut batches = pack(jobs, &pending, max_bytes).into_iter();
     let mut progress = Progress::new(already + pending.len());
     progress.set(already);
 
@@ -171,6 +176,57 @@ pub async fn send(
         path: checkpoint_path.map(Path::to_owned).unwrap_or_default(),
         detail: format!("cannot install signal handlers: {e}"),
     })?;
+    let total = already + pending.len();
+    let failed = send_pending(
+        &queue,
+        campaign,
+        jobs,
+        &pending,
+        max_bytes,
+        &interrupted,
+        |accepted| {
+            checkpoint.sent.extend(accepted);
+            progress.set(checkpoint.sent.len().min(total));
+            match checkpoint_path {
+                Some(path) => checkpoint.save(path),
+                None => Ok(()),
+            }
+        },
+    )
+    .await?;
+    progress.finish();
+    let sent = checkpoint.sent.len() - already;
+    if interrupted.is_cancelled() && sent < pending.len() {
+        return Err(EnqueueError::Interrupted {
+            sent: checkpoint.sent.len(),
+            total: already + pending.len(),
+        });
+    }
+    if failed > 0 {
+        return Err(EnqueueError::Incomplete { failed });
+    }
+    Ok(Sent {
+        enqueued: sent,
+        already_enqueued: already,
+    })
+}
+
+/// Sends `pending` (indices into `jobs`) in packed batches,
+/// [`IN_FLIGHT_BATCHES`] at once, and hands each batch's accepted indices to
+/// `record` (which writes the caller's checkpoint) as it finishes. Once
+/// `interrupted` is cancelled it starts no new batch and lets those in
+/// flight finish. Returns the number of batches not fully sent.
+pub(super) async fn send_pending(
+    queue: &Arc<Queue>,
+    campaign: &str,
+    jobs: &[Job],
+    pending: &[usize],
+    max_bytes: usize,
+    interrupted: &CancellationToken,
+    mut record: impl FnMut(Vec<usize>) -> Result<(), EnqueueError>,
+) -> Result<usize, EnqueueError> {
+    let fifo = is_fifo(queue.url());
+    let mut batches = pack(jobs, pending, max_bytes).into_iter();
     let mut in_flight = JoinSet::new();
     let mut failed = 0usize;
     loop {
@@ -194,11 +250,7 @@ pub async fn send(
         };
         match joined {
             Ok(result) => {
-                checkpoint.sent.extend(result.sent);
-                progress.set(checkpoint.sent.len().min(already + pending.len()));
-                if let Some(path) = checkpoint_path {
-                    checkpoint.save(path)?;
-                }
+                record(result.sent)?;
                 if let Some(err) = result.error {
                     failed += 1;
                     tracing::error!(error = %err, "batch not fully sent");
@@ -210,21 +262,7 @@ pub async fn send(
             }
         }
     }
-    progress.finish();
-    let sent = checkpoint.sent.len() - already;
-    if interrupted.is_cancelled() && sent < pending.len() {
-        return Err(EnqueueError::Interrupted {
-            sent: checkpoint.sent.len(),
-            total: already + pending.len(),
-        });
-    }
-    if failed > 0 {
-        return Err(EnqueueError::Incomplete { failed });
-    }
-    Ok(Sent {
-        enqueued: sent,
-        already_enqueued: already,
-    })
+    Ok(failed)
 }
 
 /// What one batch achieved: the job indices SQS accepted, and the error
@@ -278,40 +316,85 @@ async fn send_with_retries(queue: &Queue, mut entries: Vec<Outgoing>) -> BatchRe
 pub struct EnqueueArgs {
     /// Campaign ID put on every job.
     #[arg(long)]
-    campaign: String,
+    pub(super) campaign: String,
     /// User pool put on every job (`default` or a `cognito.pools` name;
     /// without it, jobs go to the `default` pool unless a row names its
-    /// own). A pool that is not configured exits with code 2.
+    /// own). A pool that is not configured exits with code 2. With
+    /// --from-user-pool: the pool to list (default `default`).
     #[arg(long)]
-    pool: Option<String>,
+    pub(super) pool: Option<String>,
     /// Input format.
-    #[arg(long, value_enum, default_value_t = Format::Auto)]
+    #[arg(long, value_enum, default_value_t = Format::Auto, conflicts_with = "from_user_pool")]
     format: Format,
     /// Validate and estimate only; send nothing.
     #[arg(long)]
-    dry_run: bool,
+    pub(super) dry_run: bool,
     /// Continue an interrupted run from its checkpoint.
     #[arg(long)]
-    resume: bool,
-    /// Checkpoint file (default: FILE.checkpoint; none for stdin unless given).
+    pub(super) resume: bool,
+    /// Checkpoint file (default: FILE.checkpoint; none for stdin unless
+    /// given; with --from-user-pool, enqueue-from-pool-KEY.checkpoint).
     #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    pub(super) checkpoint: Option<PathBuf>,
     /// Where invalid rows are listed (default: FILE.rejects.csv, or
     /// enqueue-rejects.csv for stdin).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_user_pool")]
     rejects: Option<PathBuf>,
     /// Also enqueue users the ledger has as `sent` in this campaign
     /// (by default they are skipped and counted).
     #[arg(long)]
-    include_sent: bool,
+    pub(super) include_sent: bool,
+    /// Select the users from the pool (`ListUsers` on its `user_pool_id`)
+    /// instead of a file.
+    #[arg(long, conflicts_with = "file")]
+    pub(super) from_user_pool: bool,
+    /// With --from-user-pool: Cognito's own ListUsers filter, passed as
+    /// given, e.g. `email ^= "leak"` or `cognito:user_status = "CONFIRMED"`.
+    #[arg(long, requires = "from_user_pool")]
+    pub(super) filter: Option<String>,
+    /// With --from-user-pool: ListUsers calls per second, 1-20 (ListUsers
+    /// has its own account quota, shared with the applications).
+    #[arg(
+        long,
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=20),
+        requires = "from_user_pool"
+    )]
+    pub(super) list_rps: u32,
+    /// With --from-user-pool: also enqueue users who cannot receive a code
+    /// (disabled, or no verified email or phone number).
+    #[arg(long, requires = "from_user_pool")]
+    pub(super) include_unreachable: bool,
     /// The campaign file; `-` reads stdin.
-    file: String,
+    #[arg(required_unless_present = "from_user_pool")]
+    file: Option<String>,
 }
 
 impl EnqueueArgs {
     /// `--pool`, checked against the configuration before anything runs.
     pub fn pool(&self) -> Option<&str> {
         self.pool.as_deref()
+    }
+
+    /// `--from-user-pool`: the pool to list.
+    pub fn from_user_pool(&self) -> Option<&str> {
+        self.from_user_pool
+            .then(|| self.pool.as_deref().unwrap_or(crate::config::DEFAULT_POOL))
+    }
+}
+
+/// The queue's `MaximumMessageSize`; a dry run without access to it
+/// assumes SQS's default.
+pub(super) async fn queue_max_bytes(queue: &Queue, dry_run: bool) -> Result<usize, QueueError> {
+    match queue.attributes(queue.url()).await {
+        Ok(attributes) => Ok(max_message_bytes(&attributes)),
+        Err(err) if dry_run => {
+            eprintln!(
+                "cannot read the queue's MaximumMessageSize ({err}); assuming {DEFAULT_MAX_MESSAGE_BYTES} bytes"
+            );
+            Ok(DEFAULT_MAX_MESSAGE_BYTES)
+        }
+        Err(err) => Err(err),
     }
 }
 
@@ -342,17 +425,21 @@ async fn already_sent(
 
 /// Runs `reset-worker enqueue`.
 pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
-    let stdin = args.file == "-";
+    // clap requires FILE unless --from-user-pool is given.
+    let Some(file) = args.file.clone() else {
+        return super::from_pool::run(settings, args).await;
+    };
+    let stdin = file == "-";
     let mut reader: Box<dyn BufRead> = if stdin {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = std::fs::File::open(&args.file)
-            .with_context(|| format!("Failed to open {}", args.file))?;
-        Box::new(std::io::BufReader::new(file))
+        let opened =
+            std::fs::File::open(&file).with_context(|| format!("Failed to open {file}"))?;
+        Box::new(std::io::BufReader::new(opened))
     };
     let mut loaded = input::load_for_pool(
         &mut *reader,
-        &args.file,
+        &file,
         args.format,
         &args.campaign,
         args.pool.as_deref(),
@@ -361,24 +448,12 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         && let Some(format) = loaded.format
     {
         eprintln!(
-            "reading {} as {} (guessed; --format sets it)",
-            args.file,
+            "reading {file} as {} (guessed; --format sets it)",
             format.name()
         );
     }
     let queue = Arc::new(super::queue(settings).await);
-    // The queue's own limit; a dry run without access to it assumes SQS's
-    // default.
-    let max_bytes = match queue.attributes(queue.url()).await {
-        Ok(attributes) => max_message_bytes(&attributes),
-        Err(err) if args.dry_run => {
-            eprintln!(
-                "cannot read the queue's MaximumMessageSize ({err}); assuming {DEFAULT_MAX_MESSAGE_BYTES} bytes"
-            );
-            DEFAULT_MAX_MESSAGE_BYTES
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let max_bytes = queue_max_bytes(&queue, args.dry_run).await?;
     // A row the queue cannot take is an invalid row, not a failed run.
     let (fit, too_large): (Vec<Job>, Vec<Job>) = std::mem::take(&mut loaded.jobs)
         .into_iter()
@@ -399,7 +474,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         if stdin {
             PathBuf::from("enqueue-rejects.csv")
         } else {
-            PathBuf::from(format!("{}.rejects.csv", args.file))
+            PathBuf::from(format!("{file}.rejects.csv"))
         }
     });
     if !loaded.rejects.is_empty() {
@@ -439,7 +514,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let checkpoint = args
         .checkpoint
         .clone()
-        .or_else(|| (!stdin).then(|| PathBuf::from(format!("{}.checkpoint", args.file))));
+        .or_else(|| (!stdin).then(|| PathBuf::from(format!("{file}.checkpoint"))));
     let sent = send(
         queue,
         &args.campaign,

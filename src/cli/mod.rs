@@ -8,6 +8,7 @@
 
 mod checkpoint;
 pub mod enqueue;
+pub mod from_pool;
 pub mod input;
 pub mod preflight;
 mod progress;
@@ -159,9 +160,10 @@ impl Cli {
             Command::Run {
                 until_empty: true, ..
             } => settings.check_until_empty(),
-            Command::Enqueue { args, .. } => match args.pool() {
-                Some(pool) => settings.check_pool(pool),
-                None => Ok(()),
+            Command::Enqueue { args, .. } => match (args.from_user_pool(), args.pool()) {
+                (Some(pool), _) => settings.check_list_pool(pool),
+                (None, Some(pool)) => settings.check_pool(pool),
+                (None, None) => Ok(()),
             },
             Command::Report { args, .. } if args.refresh_status => {
                 settings.check_status_pool(args.pool())
@@ -204,14 +206,24 @@ impl Cli {
                             .is_some_and(LedgerError::is_fatal)
                             || e.downcast_ref::<report::RefreshError>()
                                 .is_some_and(report::RefreshError::is_fatal)
+                            || e.downcast_ref::<from_pool::ListError>()
+                                .is_some_and(from_pool::ListError::is_fatal)
                     }),
                 };
+                // A filter Cognito refuses is the operator's input, like a
+                // configuration error.
+                let operator_input = err.chain().any(|e| {
+                    e.downcast_ref::<from_pool::ListError>()
+                        .is_some_and(from_pool::ListError::is_operator_input)
+                });
                 tracing::error!(
                     error = format!("{err:#}"),
                     "reset-worker stopped with an error"
                 );
                 eprintln!("reset-worker: {err:#}");
-                if halted {
+                if operator_input {
+                    ExitCode::from(EXIT_CONFIG)
+                } else if halted {
                     ExitCode::from(EXIT_HALTED)
                 } else {
                     ExitCode::FAILURE

@@ -32,6 +32,27 @@ impl Progress {
         }
     }
 
+    /// For a run whose total is not known ahead (`--from-user-pool`): a
+    /// spinner with the count and rate on a terminal, a line every 2 s
+    /// otherwise.
+    pub(super) fn unbounded() -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{spinner} {pos} jobs  {per_sec}")
+            {
+                bar.set_style(style);
+            }
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines {
+                total: usize::MAX,
+                last: Instant::now(),
+                started: Instant::now(),
+            }
+        }
+    }
+
     pub(super) fn set(&mut self, done: usize) {
         match self {
             Progress::Bar(bar) => bar.set_position(done as u64),
@@ -43,7 +64,11 @@ impl Progress {
                 if last.elapsed() >= Duration::from_secs(2) || done == *total {
                     *last = Instant::now();
                     let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-                    eprintln!("enqueued {done}/{total} ({rate:.0}/s)");
+                    if *total == usize::MAX {
+                        eprintln!("enqueued {done} ({rate:.0}/s)");
+                    } else {
+                        eprintln!("enqueued {done}/{total} ({rate:.0}/s)");
+                    }
                 }
             }
         }

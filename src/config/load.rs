@@ -113,6 +113,26 @@ impl Settings {
     /// and have a `user_pool_id` (AdminGetUser needs it, whatever the
     /// pool's action).
     pub fn check_status_pool(&self, name: &str) -> Result<(), ConfigError> {
+        self.check_pool_id(
+            name,
+            "is not set; `report --refresh-status` reads each user's status \
+             with AdminGetUser, which needs the user pool ID",
+        )
+    }
+
+    /// `enqueue --from-user-pool --pool NAME`: the pool must be configured
+    /// and have a `user_pool_id` (ListUsers needs it).
+    pub fn check_list_pool(&self, name: &str) -> Result<(), ConfigError> {
+        self.check_pool_id(
+            name,
+            "is not set; `enqueue --from-user-pool` lists the pool's users \
+             with ListUsers, which needs the user pool ID",
+        )
+    }
+
+    /// The pool must be configured and have a `user_pool_id`; `problem`
+    /// says which command needs it.
+    fn check_pool_id(&self, name: &str, problem: &str) -> Result<(), ConfigError> {
         self.check_pool(name)?;
         let has_id = self
             .cognito
@@ -122,15 +142,13 @@ impl Settings {
         if has_id {
             return Ok(());
         }
-        const PROBLEM: &str = "is not set; `report --refresh-status` reads each user's status \
-                               with AdminGetUser, which needs the user pool ID";
         Err(if name == DEFAULT_POOL {
-            invalid("cognito.user_pool_id", PROBLEM)
+            invalid("cognito.user_pool_id", problem)
         } else {
             ConfigError::InvalidPool {
                 pool: name.to_owned(),
                 key: "user_pool_id",
-                problem: PROBLEM.to_owned(),
+                problem: problem.to_owned(),
             }
         })
     }
