@@ -350,13 +350,11 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let enqueued_before = checkpoint.enqueued + checkpoint.sent.len() as u64;
-    let resuming = checkpoint.pagination_token.is_some() || checkpoint.pages > 0;
-    if resuming {
+    if enqueued_before > 0 || checkpoint.pagination_token.is_some() {
         eprintln!(
-            "resuming from {}: {} pages ({} jobs) enqueued before",
+            "resuming from {}: {} pages done, {enqueued_before} jobs enqueued before",
             checkpoint_path.display(),
             checkpoint.pages,
-            checkpoint.enqueued
         );
     }
 
