@@ -14,7 +14,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use governor::{Quota, RateLimiter};
@@ -24,19 +23,12 @@ use super::checkpoint::{Checkpoint, digest};
 use super::enqueue::{EnqueueArgs, EnqueueError, queue_max_bytes, send_pending};
 use super::estimate;
 use super::input::Job;
+use super::paced::{ReadError, paced};
 use super::progress::Progress;
 use crate::aws::cognito::{self, CallError, Cognito, ErrorCode, ListedUser, Pools, UsersPage};
-use crate::backoff::Backoff;
 use crate::config::{Action, Settings};
 use crate::job::ResetJob;
 use crate::ledger::Ledger;
-
-/// Tries of one `ListUsers` page while Cognito throttles (with the
-/// backoff's 20 s cap: several minutes).
-const THROTTLED_TRIES: u32 = 30;
-/// Tries of one page on a transient error (5xx, timeout, connection): a
-/// read, so repeating it is harmless.
-const TRANSIENT_TRIES: u32 = 5;
 
 /// Why listing the pool stopped.
 #[derive(Debug, thiserror::Error)]
@@ -206,46 +198,25 @@ async fn list_page(
     token: Option<&str>,
     resuming: Option<&Path>,
 ) -> Result<UsersPage, ListError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(20));
-    let mut tries = 0;
-    loop {
-        crate::rate::until_ready(limiter).await;
-        tries += 1;
-        let err = match pool.list_users(filter, token).await {
-            Ok(page) => return Ok(page),
-            Err(err) => err,
-        };
-        let retry_within = match err.code {
-            ErrorCode::AccessDenied
-            | ErrorCode::NotAuthorized
-            | ErrorCode::ResourceNotFound
-            | ErrorCode::Credentials => return Err(ListError::Misconfigured(err)),
-            // The filter worked on the run that wrote the checkpoint, so a
-            // refusal of the resumed request is the token's.
-            ErrorCode::InvalidParameter | ErrorCode::Other if resuming.is_some() => {
-                return Err(ListError::TokenRejected {
-                    error: err,
-                    checkpoint: resuming.map(Path::to_owned).unwrap_or_default(),
-                });
-            }
-            ErrorCode::InvalidParameter => return Err(ListError::BadFilter(err)),
-            ErrorCode::TooManyRequests => THROTTLED_TRIES,
-            ErrorCode::InternalError
-            | ErrorCode::ServerError
-            | ErrorCode::Timeout
-            | ErrorCode::Connection
-            | ErrorCode::ConnectionLost => TRANSIENT_TRIES,
-            _ => return Err(ListError::Failed(err)),
-        };
-        if tries >= retry_within {
-            return Err(ListError::Failed(err));
+    let read = || pool.list_users(filter, token);
+    match paced(limiter, "ListUsers", read).await {
+        Ok(page) => Ok(page),
+        Err(ReadError::Misconfigured(err)) => Err(ListError::Misconfigured(err)),
+        // The filter worked on the run that wrote the checkpoint, so a
+        // refusal of the resumed request is the token's.
+        Err(ReadError::Failed(err))
+            if resuming.is_some()
+                && matches!(err.code, ErrorCode::InvalidParameter | ErrorCode::Other) =>
+        {
+            Err(ListError::TokenRejected {
+                error: err,
+                checkpoint: resuming.map(Path::to_owned).unwrap_or_default(),
+            })
         }
-        tracing::warn!(
-            code = err.code.as_str(),
-            tries,
-            "ListUsers failed; retrying"
-        );
-        tokio::time::sleep(backoff.next_delay()).await;
+        Err(ReadError::Failed(err)) if err.code == ErrorCode::InvalidParameter => {
+            Err(ListError::BadFilter(err))
+        }
+        Err(ReadError::Failed(err)) => Err(ListError::Failed(err)),
     }
 }
 

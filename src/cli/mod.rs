@@ -10,6 +10,7 @@ mod checkpoint;
 pub mod enqueue;
 pub mod from_pool;
 pub mod input;
+mod paced;
 pub mod preflight;
 mod progress;
 pub mod report;

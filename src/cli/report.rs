@@ -21,20 +21,14 @@ use clap::{Args, ValueEnum};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
-use crate::aws::cognito::{self, CallError, Cognito, ErrorCode, Pools};
-use crate::backoff::Backoff;
+use super::paced::{ReadError, paced};
+use crate::aws::cognito::{self, CallError, Cognito, Pools};
 use crate::config::{DEFAULT_POOL, Settings};
 use crate::ledger::{
     Checked, Completion, Entry, Key, Ledger, LedgerError, NOT_FOUND, State, dynamodb, now_ms,
     rfc3339,
 };
 
-/// Tries of one user's `AdminGetUser` while Cognito throttles, before the
-/// pass gives up (with the backoff's 20 s cap: several minutes).
-const THROTTLED_TRIES: u32 = 30;
-/// Tries of one user's `AdminGetUser` on a transient error (5xx, timeout,
-/// connection): a read, so repeating it is harmless.
-const TRANSIENT_TRIES: u32 = 5;
 /// The refresh logs its progress at least this often...
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// ...or every this many users checked.
@@ -433,37 +427,10 @@ async fn read_user(
     limiter: &governor::DefaultDirectRateLimiter,
     username: &str,
 ) -> Result<Option<cognito::UserState>, RefreshError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(20));
-    let mut tries = 0;
-    loop {
-        crate::rate::until_ready(limiter).await;
-        tries += 1;
-        let err = match pool.user_status(username).await {
-            Ok(state) => return Ok(state),
-            Err(err) => err,
-        };
-        let retry_within = match err.code {
-            ErrorCode::AccessDenied
-            | ErrorCode::NotAuthorized
-            | ErrorCode::ResourceNotFound
-            | ErrorCode::Credentials => return Err(RefreshError::Misconfigured(err)),
-            ErrorCode::TooManyRequests => THROTTLED_TRIES,
-            ErrorCode::InternalError
-            | ErrorCode::ServerError
-            | ErrorCode::Timeout
-            | ErrorCode::Connection
-            | ErrorCode::ConnectionLost => TRANSIENT_TRIES,
-            _ => return Err(RefreshError::Failed(err)),
-        };
-        if tries >= retry_within {
-            return Err(RefreshError::Failed(err));
-        }
-        tracing::warn!(
-            code = err.code.as_str(),
-            tries,
-            "AdminGetUser failed; retrying"
-        );
-        tokio::time::sleep(backoff.next_delay()).await;
+    match paced(limiter, "AdminGetUser", || pool.user_status(username)).await {
+        Ok(state) => Ok(state),
+        Err(ReadError::Misconfigured(err)) => Err(RefreshError::Misconfigured(err)),
+        Err(ReadError::Failed(err)) => Err(RefreshError::Failed(err)),
     }
 }
 
