@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::{Ledger, Member, now_ms};
-use crate::rate::Limiters;
+use super::Shared;
+use crate::ledger::{Member, now_ms};
 
 /// How often a worker renews its registration and recomputes its share.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -48,12 +48,20 @@ pub fn share_of(members: &[Member], me: &str, now_ms: u64) -> f64 {
 /// Keeps this worker registered and its share applied until `stop` fires,
 /// then deregisters. A heartbeat that fails keeps the share in force: while
 /// the ledger is down no job can be claimed, so nothing is called anyway.
-pub async fn run(ledger: Ledger, limiters: Arc<Limiters>, stop: CancellationToken) {
+/// It counts as the ledger failing, like a claim: `/readyz` answers 503
+/// (an unreachable ledger) or the campaign halts (a refusal, e.g. IAM), so
+/// a worker still waiting for its first share is not ready in name only.
+pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let ledger = &shared.ledger;
+    let limiters = &shared.limiters;
     let me = ledger.worker_id().to_owned();
     let mut last_shown = None;
     loop {
         match ledger.heartbeat(ALIVE_FOR).await {
             Ok(members) => {
+                if shared.health.set_ledger_up(true) {
+                    tracing::info!("ledger answers again; resuming");
+                }
                 let share = share_of(&members, &me, now_ms());
                 limiters.set_share(share);
                 if last_shown != Some((members.len(), share > 0.0)) {
@@ -77,6 +85,7 @@ pub async fn run(ledger: Ledger, limiters: Arc<Limiters>, stop: CancellationToke
             }
             Err(err) => {
                 tracing::warn!(error = %err, "cluster heartbeat failed; keeping the current share");
+                shared.ledger_failed(&err);
             }
         }
         tokio::select! {

@@ -314,13 +314,8 @@ impl Worker {
             cluster,
         } = self;
         let budget_stop = CancellationToken::new();
-        let budget = cluster.then(|| {
-            tokio::spawn(budget::run(
-                listener.shared.ledger.clone(),
-                listener.shared.limiters.clone(),
-                budget_stop.clone(),
-            ))
-        });
+        let budget = cluster
+            .then(|| tokio::spawn(budget::run(listener.shared.clone(), budget_stop.clone())));
         let result = listener.run(batcher, shutdown, options).await;
         budget_stop.cancel();
         if let Some(budget) = budget {
