@@ -24,6 +24,7 @@ use crate::aws::sqs::{
 };
 use crate::backoff::Backoff;
 use crate::config::{Settings, is_fifo};
+use crate::ledger::Ledger;
 
 /// SendMessageBatch calls in flight at once.
 const IN_FLIGHT_BATCHES: usize = 4;
@@ -407,7 +408,17 @@ async fn already_sent(
     jobs: &[Job],
 ) -> anyhow::Result<HashSet<usize>> {
     let ledger = super::report::open(settings).await?;
-    if !ledger.outlives_process() {
+    sent_in(&ledger, campaign, jobs).await
+}
+
+/// The indices of `jobs` whose user `ledger` has as `sent` in `campaign`
+/// (none for a ledger that dies with its process).
+pub(super) async fn sent_in(
+    ledger: &Ledger,
+    campaign: &str,
+    jobs: &[Job],
+) -> anyhow::Result<HashSet<usize>> {
+    if !ledger.outlives_process() || jobs.is_empty() {
         return Ok(HashSet::new());
     }
     let usernames: Vec<String> = jobs.iter().map(|j| j.username.clone()).collect();

@@ -20,7 +20,7 @@ use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::{Checkpoint, digest};
-use super::enqueue::{EnqueueArgs, EnqueueError, queue_max_bytes, send_pending};
+use super::enqueue::{EnqueueArgs, EnqueueError, queue_max_bytes, send_pending, sent_in};
 use super::estimate;
 use super::input::Job;
 use super::paced::{ReadError, paced};
@@ -28,7 +28,6 @@ use super::progress::Progress;
 use crate::aws::cognito::{self, CallError, Cognito, ErrorCode, ListedUser, Pools, UsersPage};
 use crate::config::{Action, Settings};
 use crate::job::ResetJob;
-use crate::ledger::Ledger;
 
 /// Why listing the pool stopped.
 #[derive(Debug, thiserror::Error)]
@@ -220,29 +219,6 @@ async fn list_page(
     }
 }
 
-/// The page's jobs the ledger has as `sent` in `campaign` (none with the
-/// memory ledger, which lives in the worker only).
-async fn already_sent(
-    ledger: &Ledger,
-    campaign: &str,
-    jobs: &[Job],
-) -> anyhow::Result<HashSet<usize>> {
-    if !ledger.outlives_process() || jobs.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let usernames: Vec<String> = jobs.iter().map(|j| j.username.clone()).collect();
-    let sent = ledger
-        .sent_among(campaign, &usernames)
-        .await
-        .context("Failed to ask the ledger which users were already sent")?;
-    Ok(jobs
-        .iter()
-        .enumerate()
-        .filter(|(_, j)| sent.contains(&j.username))
-        .map(|(i, _)| i)
-        .collect())
-}
-
 /// The checkpoint to continue, or a new one; refuses one from an earlier
 /// run without `--resume`, or one of another listing.
 fn open_checkpoint(
@@ -359,7 +335,7 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             &mut counts,
         );
         let skip = match &ledger {
-            Some(ledger) => already_sent(ledger, campaign, &jobs).await?,
+            Some(ledger) => sent_in(ledger, campaign, &jobs).await?,
             None => HashSet::new(),
         };
         counts.already_sent += skip.len() as u64;
