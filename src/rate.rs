@@ -332,11 +332,6 @@ impl RateLimiter {
         self.budget.borrow().limits
     }
 
-    /// This worker's share of the limits.
-    pub fn share(&self) -> f64 {
-        self.budget.borrow().share
-    }
-
     /// Paused: `limits.max_rps = 0`, or a cluster share not granted yet.
     pub fn is_paused(&self) -> bool {
         self.budget.borrow().paused()
@@ -598,11 +593,6 @@ impl Limiters {
         for limiter in self.by_region.values() {
             limiter.set_share(share);
         }
-    }
-
-    /// This worker's share (the same in every Region).
-    pub fn share(&self) -> f64 {
-        self.by_region.values().next().map_or(1.0, |l| l.share())
     }
 
     /// Paused: every Region pauses together (`limits.max_rps = 0`, or no
