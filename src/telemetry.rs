@@ -18,6 +18,7 @@ pub const COGNITO_REQUESTS_TOTAL: &str = "reset_worker_cognito_requests_total";
 pub const COGNITO_DURATION: &str = "reset_worker_cognito_request_duration_seconds";
 pub const THROTTLED_TOTAL: &str = "reset_worker_throttled_total";
 pub const CODE_DELIVERIES_TOTAL: &str = "reset_worker_code_deliveries_total";
+pub const SIGN_OUTS_TOTAL: &str = "reset_worker_sign_outs_total";
 pub const IN_FLIGHT: &str = "reset_worker_in_flight_jobs";
 pub const SQS_REQUESTS_TOTAL: &str = "reset_worker_sqs_requests_total";
 pub const DELETE_FAILURES_TOTAL: &str = "reset_worker_delete_failures_total";
@@ -101,20 +102,24 @@ fn describe() {
     );
     describe_counter!(
         COGNITO_REQUESTS_TOTAL,
-        "ForgotPassword calls by result (ok, throttled, error) and error code."
+        "Cognito calls by Region, operation (ForgotPassword, AdminResetUserPassword, AdminUserGlobalSignOut, ...), result (ok, throttled, error) and error code."
     );
     describe_histogram!(
         COGNITO_DURATION,
         metrics::Unit::Seconds,
-        "Latency of ForgotPassword calls."
+        "Latency of Cognito calls, by operation."
     );
     describe_counter!(
         THROTTLED_TOTAL,
-        "ForgotPassword calls answered with TooManyRequestsException."
+        "Cognito calls answered with TooManyRequestsException, by Region."
     );
     describe_counter!(
         CODE_DELIVERIES_TOTAL,
         "Codes sent, by delivery medium reported by Cognito."
+    );
+    describe_counter!(
+        SIGN_OUTS_TOTAL,
+        "AdminUserGlobalSignOut calls after a reset (cognito.sign_out) by result: ok, user_not_found, throttled, error."
     );
     describe_gauge!(IN_FLIGHT, "Jobs holding a concurrency permit.");
     describe_counter!(SQS_REQUESTS_TOTAL, "SQS API calls by operation and result.");
@@ -210,9 +215,15 @@ pub enum CallResult {
     Error(&'static str),
 }
 
-/// One Cognito call to `region` (a Region the pools call: bounded).
-pub fn cognito_request(region: &str, result: CallResult, elapsed: Duration) {
-    histogram!(COGNITO_DURATION).record(elapsed.as_secs_f64());
+/// One Cognito call to `region` (a Region the pools call: bounded) of
+/// `operation` (an API name: bounded).
+pub fn cognito_request(
+    region: &str,
+    operation: &'static str,
+    result: CallResult,
+    elapsed: Duration,
+) {
+    histogram!(COGNITO_DURATION, "operation" => operation).record(elapsed.as_secs_f64());
     let (result, code) = match result {
         CallResult::Ok => ("ok", "none"),
         CallResult::Throttled => {
@@ -224,10 +235,17 @@ pub fn cognito_request(region: &str, result: CallResult, elapsed: Duration) {
     counter!(
         COGNITO_REQUESTS_TOTAL,
         "region" => region.to_owned(),
+        "operation" => operation,
         "result" => result,
         "code" => code
     )
     .increment(1);
+}
+
+/// One `AdminUserGlobalSignOut` call's result: `ok`, `user_not_found`,
+/// `throttled` or `error`.
+pub fn sign_out(result: &'static str) {
+    counter!(SIGN_OUTS_TOTAL, "result" => result).increment(1);
 }
 
 pub fn code_delivered(medium: &'static str) {

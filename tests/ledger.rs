@@ -40,7 +40,7 @@ fn report_rows(stack: &Stack, env: &[(&str, &str)], campaign: &str) -> (Vec<Vec<
     let mut lines = out.lines();
     assert_eq!(
         lines.next(),
-        Some("username,state,reason,attempts,updated_at")
+        Some("username,state,reason,attempts,updated_at,signed_out_at")
     );
     let rows = lines
         .map(|l| l.split(',').map(str::to_owned).collect())

@@ -18,7 +18,7 @@ const ADMIN_GET_USER: &str = "AWSCognitoIdentityProviderService.AdminGetUser";
 
 /// The report's header with `--refresh-status`.
 const STATUS_HEADER: &str =
-    "username,state,reason,attempts,updated_at,user_status,checked_at,completion";
+    "username,state,reason,attempts,updated_at,signed_out_at,user_status,checked_at,completion";
 
 /// The usernames of the AdminGetUser calls moto recorded for `pool`, oldest
 /// first.
@@ -58,7 +58,7 @@ fn refresh(
     let rows = lines
         .map(|l| {
             let row: Vec<String> = l.split(',').map(str::to_owned).collect();
-            assert_eq!(row.len(), 8, "{l}");
+            assert_eq!(row.len(), 9, "{l}");
             (row[0].clone(), row)
         })
         .collect();
@@ -68,7 +68,7 @@ fn refresh(
 /// The users whose row says `completion`.
 fn with_completion(rows: &BTreeMap<String, Vec<String>>, completion: &str) -> BTreeSet<String> {
     rows.iter()
-        .filter(|(_, r)| r[7] == completion)
+        .filter(|(_, r)| r[8] == completion)
         .map(|(u, _)| u.clone())
         .collect()
 }
@@ -156,8 +156,10 @@ async fn admin_resets_are_pending_until_the_users_set_a_password_and_reruns_skip
     );
     assert_eq!(with_completion(&rows, "pending"), set(&users));
     for row in rows.values() {
-        assert_eq!(row[5], "RESET_REQUIRED", "{row:?}");
-        assert!(row[6].ends_with('Z') && row[6].len() == 20, "{row:?}");
+        assert_eq!(row[6], "RESET_REQUIRED", "{row:?}");
+        assert!(row[7].ends_with('Z') && row[7].len() == 20, "{row:?}");
+        // Not signed out: `cognito.sign_out` is off.
+        assert_eq!(row[5], "", "{row:?}");
     }
     // `status --campaign` shows the same split.
     let (code, out, err) = run_cli(&stack, &env, &["status", "--campaign", "track"], None);
@@ -186,8 +188,8 @@ async fn admin_resets_are_pending_until_the_users_set_a_password_and_reruns_skip
     assert_eq!(with_completion(&rows, "completed"), set(&users[..2]));
     assert_eq!(with_completion(&rows, "pending"), set(&users[2..4]));
     assert_eq!(with_completion(&rows, "not_found"), set(&users[4..]));
-    assert_eq!(rows[users[0]][5], "CONFIRMED");
-    assert_eq!(rows[users[4]][5], "NOT_FOUND");
+    assert_eq!(rows[users[0]][6], "CONFIRMED");
+    assert_eq!(rows[users[4]][6], "NOT_FOUND");
 
     // A re-run reads only the two still pending.
     let before = admin_get_users(&stack).len();
@@ -226,7 +228,7 @@ async fn admin_resets_are_pending_until_the_users_set_a_password_and_reruns_skip
     assert_eq!(code, 0);
     assert_eq!(
         out.lines().next(),
-        Some("username,state,reason,attempts,updated_at")
+        Some("username,state,reason,attempts,updated_at,signed_out_at")
     );
 }
 
@@ -268,9 +270,9 @@ async fn a_ledger_file_from_before_the_status_columns_is_migrated_and_refreshed(
     )];
     let (rows, err) = refresh(&stack, &env, "old");
     // local_stack.py's users never set a password.
-    assert_eq!(rows["legacy@example.com"][5], "FORCE_CHANGE_PASSWORD");
-    assert_eq!(rows["legacy@example.com"][7], "pending");
-    assert_eq!(rows["ghost@example.com"][5], "NOT_FOUND");
+    assert_eq!(rows["legacy@example.com"][6], "FORCE_CHANGE_PASSWORD");
+    assert_eq!(rows["legacy@example.com"][8], "pending");
+    assert_eq!(rows["ghost@example.com"][6], "NOT_FOUND");
     assert!(err.contains("completed 0, pending 1, not found 1"), "{err}");
     let conn = rusqlite::Connection::open(&stack.ledger_path).unwrap();
     let checked: i64 = conn
@@ -323,9 +325,9 @@ async fn the_dynamodb_ledger_records_statuses_only_on_sent_entries() {
     completes(&stack, "dyn-a@example.com").await;
     let (rows, err) = refresh(&stack, &env, "dyn");
     assert!(err.contains("checked 1 users"), "{err}");
-    assert_eq!(rows["dyn-a@example.com"][7], "completed");
+    assert_eq!(rows["dyn-a@example.com"][8], "completed");
     // Not `sent`: never read, no status.
-    assert_eq!(rows["dyn-b@example.com"][5], "");
+    assert_eq!(rows["dyn-b@example.com"][6], "");
     let item = client
         .get_item()
         .table_name(&table)

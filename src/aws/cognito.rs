@@ -372,6 +372,8 @@ pub struct Cognito {
     /// calls draw on.
     region: String,
     action: Action,
+    /// Call `AdminUserGlobalSignOut` after each reset (`sign_out`).
+    sign_out: bool,
     user_pool_id: Option<String>,
     client_id: String,
     client_secret: SharedSecret,
@@ -389,6 +391,7 @@ impl Cognito {
             client,
             region,
             action: pool.action,
+            sign_out: pool.sign_out,
             user_pool_id: pool.user_pool_id.clone(),
             client_id: pool.client_id.clone(),
             client_secret: Arc::new(RwLock::new(pool.client_secret.clone())),
@@ -423,6 +426,26 @@ impl Cognito {
         self.action
     }
 
+    /// Whether the pool's users are signed out after their reset.
+    pub fn signs_out(&self) -> bool {
+        self.sign_out
+    }
+
+    /// `AdminUserGlobalSignOut`: revokes every refresh token of the user
+    /// (their sessions end when the access tokens expire), so an attacker
+    /// holding a session is locked out. Idempotent and sends nothing to the
+    /// user, so unlike the reset it is safe to repeat. No retry here: the
+    /// caller paces and retries.
+    pub async fn sign_out(&self, username: &str) -> Result<(), CallError> {
+        let request = self
+            .client
+            .admin_user_global_sign_out()
+            .set_user_pool_id(self.user_pool_id.clone())
+            .username(username);
+        timed(&self.region, "AdminUserGlobalSignOut", request.send()).await?;
+        Ok(())
+    }
+
     /// One page of `ListUsers` on the pool: `filter` is Cognito's own filter
     /// syntax, passed as given; `token` the previous page's. Only the
     /// attributes that tell whether a code can reach the user are asked for,
@@ -447,7 +470,7 @@ impl Cognito {
             .set_filter(filter.map(str::to_owned))
             .set_pagination_token(token.map(str::to_owned))
             .set_attributes_to_get(Some(WANTED.iter().map(|a| (*a).to_owned()).collect()));
-        let out = timed(&self.region, request.send()).await?;
+        let out = timed(&self.region, "ListUsers", request.send()).await?;
         let users = out
             .users()
             .iter()
@@ -488,7 +511,7 @@ impl Cognito {
             .admin_get_user()
             .set_user_pool_id(self.user_pool_id.clone())
             .username(username);
-        match timed(&self.region, request.send()).await {
+        match timed(&self.region, "AdminGetUser", request.send()).await {
             Ok(out) => Ok(Some(UserState {
                 status: out
                     .user_status()
@@ -542,7 +565,7 @@ impl Cognito {
             .set_user_pool_id(self.user_pool_id.clone())
             .username(job.username.expose())
             .set_client_metadata(self.client_metadata(job));
-        timed(&self.region, request.send()).await?;
+        timed(&self.region, "AdminResetUserPassword", request.send()).await?;
         Ok(Delivery { medium: "none" })
     }
 
@@ -577,7 +600,7 @@ impl Cognito {
             );
         }
 
-        let out = timed(&self.region, request.send()).await?;
+        let out = timed(&self.region, "ForgotPassword", request.send()).await?;
         let medium = out
             .code_delivery_details()
             .and_then(|d| d.delivery_medium())
@@ -591,10 +614,11 @@ impl Cognito {
     }
 }
 
-/// Sends one call to `region`, records its metrics, and turns an SDK error
-/// into a [`CallError`].
+/// Sends one call to `region`, records its metrics under `operation` (the
+/// API's name), and turns an SDK error into a [`CallError`].
 async fn timed<T, E>(
     region: &str,
+    operation: &'static str,
     send: impl Future<
         Output = Result<
             T,
@@ -610,7 +634,7 @@ where
     let elapsed = started.elapsed();
     match result {
         Ok(out) => {
-            telemetry::cognito_request(region, CallResult::Ok, elapsed);
+            telemetry::cognito_request(region, operation, CallResult::Ok, elapsed);
             Ok(out)
         }
         Err(err) => {
@@ -620,7 +644,7 @@ where
                 ErrorCode::TooManyRequests => CallResult::Throttled,
                 code => CallResult::Error(code.as_str()),
             };
-            telemetry::cognito_request(region, result, elapsed);
+            telemetry::cognito_request(region, operation, result, elapsed);
             Err(call_error)
         }
     }

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aws_sdk_cognitoidentityprovider::error::DisplayErrorContext;
+use aws_sdk_cognitoidentityprovider::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_cognitoidentityprovider::types::{
     EmailSendingAccountType, PreventUserExistenceErrorTypes,
 };
 use serde::Serialize;
 
 use super::estimate;
+use crate::aws::cognito::ErrorCode;
 use crate::aws::sqs::Queue;
 use crate::config::{DEFAULT_POOL, LedgerBackend, Pool, Settings};
 use crate::ledger::{Ledger, dynamodb};
@@ -264,6 +265,9 @@ async fn pool_checks(
                     }
                 }
             }
+            if pool.sign_out {
+                checks.push(sign_out_check(cognito, pool_id).await);
+            }
             match cognito
                 .describe_user_pool()
                 .user_pool_id(pool_id)
@@ -312,6 +316,40 @@ async fn pool_checks(
                 }
             }
         }
+    }
+}
+
+/// With `sign_out`: is `AdminUserGlobalSignOut` allowed? A dry call on a
+/// user that cannot exist tells: Cognito answers UserNotFoundException only
+/// once IAM has let the call through, so nobody is signed out to find out.
+async fn sign_out_check(cognito: &aws_sdk_cognitoidentityprovider::Client, pool_id: &str) -> Check {
+    let nobody = format!("reset-worker-preflight-{:016x}", fastrand::u64(..));
+    let result = cognito
+        .admin_user_global_sign_out()
+        .user_pool_id(pool_id)
+        .username(nobody)
+        .send()
+        .await;
+    let Err(err) = result else {
+        return check("sign-out", Level::Pass, "AdminUserGlobalSignOut is allowed");
+    };
+    match err.code().map(ErrorCode::from_aws_code) {
+        Some(ErrorCode::UserNotFound) => check(
+            "sign-out",
+            Level::Pass,
+            "AdminUserGlobalSignOut is allowed (a dry call on a non-existent user answered UserNotFoundException)",
+        ),
+        Some(ErrorCode::AccessDenied) => check(
+            "sign-out",
+            Level::Fail,
+            "AdminUserGlobalSignOut is denied: grant cognito-idp:AdminUserGlobalSignOut on the pool \
+             (deploy/iam/policy.json), or the campaign halts after its first reset",
+        ),
+        _ => check(
+            "sign-out",
+            Level::Fail,
+            format!("AdminUserGlobalSignOut: {}", DisplayErrorContext(&err)),
+        ),
     }
 }
 

@@ -120,7 +120,8 @@ pub struct Refreshed {
     pub skipped: u64,
 }
 
-/// One report row. Columns in this order: `username,state,reason,attempts,updated_at`.
+/// One report row. Columns in this order:
+/// `username,state,reason,attempts,updated_at,signed_out_at`.
 #[derive(Debug, Serialize)]
 struct Row<'a> {
     username: &'a str,
@@ -129,6 +130,9 @@ struct Row<'a> {
     attempts: u32,
     /// RFC 3339, UTC.
     updated_at: String,
+    /// When the user's sessions were ended (`cognito.sign_out`); RFC 3339,
+    /// UTC; empty when they were not.
+    signed_out_at: String,
 }
 
 /// A report row with `--refresh-status`: [`Row`]'s columns, then
@@ -141,6 +145,8 @@ struct StatusRow<'a> {
     attempts: u32,
     /// RFC 3339, UTC.
     updated_at: String,
+    /// RFC 3339, UTC; empty when not signed out.
+    signed_out_at: String,
     /// Cognito's `UserStatus` at the last check, or `NOT_FOUND`.
     user_status: &'a str,
     /// RFC 3339, UTC.
@@ -157,6 +163,7 @@ impl<'a> From<&'a Entry> for StatusRow<'a> {
             reason: &e.reason,
             attempts: e.attempts,
             updated_at: rfc3339(e.updated_at_ms),
+            signed_out_at: e.signed_out_at_ms.map(rfc3339).unwrap_or_default(),
             user_status: e.user_status.as_deref().unwrap_or_default(),
             checked_at: e.checked_at_ms.map(rfc3339).unwrap_or_default(),
             completion: e.completion().map(Completion::as_str).unwrap_or_default(),
@@ -165,14 +172,22 @@ impl<'a> From<&'a Entry> for StatusRow<'a> {
 }
 
 /// The CSV header without `--refresh-status`.
-const HEADER: [&str; 5] = ["username", "state", "reason", "attempts", "updated_at"];
-/// The CSV header with `--refresh-status`.
-const STATUS_HEADER: [&str; 8] = [
+const HEADER: [&str; 6] = [
     "username",
     "state",
     "reason",
     "attempts",
     "updated_at",
+    "signed_out_at",
+];
+/// The CSV header with `--refresh-status`.
+const STATUS_HEADER: [&str; 9] = [
+    "username",
+    "state",
+    "reason",
+    "attempts",
+    "updated_at",
+    "signed_out_at",
     "user_status",
     "checked_at",
     "completion",
@@ -186,6 +201,7 @@ impl<'a> From<&'a Entry> for Row<'a> {
             reason: &e.reason,
             attempts: e.attempts,
             updated_at: rfc3339(e.updated_at_ms),
+            signed_out_at: e.signed_out_at_ms.map(rfc3339).unwrap_or_default(),
         }
     }
 }
@@ -236,6 +252,8 @@ pub struct CompletionCounts {
     pub not_found: u64,
     /// `sent` users with a recorded check.
     pub checked: u64,
+    /// `sent` users whose sessions were ended (`cognito.sign_out`).
+    pub signed_out: u64,
 }
 
 impl CompletionCounts {
@@ -245,6 +263,9 @@ impl CompletionCounts {
         }
         if entry.checked_at_ms.is_some() {
             self.checked += 1;
+        }
+        if entry.signed_out_at_ms.is_some() {
+            self.signed_out += 1;
         }
         match entry.completion() {
             Some(Completion::Completed) => self.completed += 1,
@@ -469,13 +490,18 @@ pub async fn run(settings: &Settings, args: ReportArgs) -> anyhow::Result<()> {
             write_report(&ledger, &args.campaign, args.format, with_status, &mut out).await?
         }
     };
+    let signed_out = if completion.signed_out > 0 {
+        format!("; signed out {}", completion.signed_out)
+    } else {
+        String::new()
+    };
     let completion = if with_status {
         format!("; {}", completion.line())
     } else {
         String::new()
     };
     eprintln!(
-        "campaign {}: {} users: {}{completion}",
+        "campaign {}: {} users: {}{signed_out}{completion}",
         args.campaign,
         counts.total(),
         counts.line()

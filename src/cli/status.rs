@@ -163,12 +163,17 @@ impl fmt::Display for Status {
             )?;
             writeln!(f, "  {}", l.states.line())?;
             if let Some(c) = &l.completion {
-                writeln!(
-                    f,
-                    "  of the sent: {} (checked {}; `report --refresh-status` updates)",
-                    c.line(),
-                    c.checked
-                )?;
+                if c.signed_out > 0 {
+                    writeln!(f, "  signed out: {} (sessions ended)", c.signed_out)?;
+                }
+                if c.checked > 0 {
+                    writeln!(
+                        f,
+                        "  of the sent: {} (checked {}; `report --refresh-status` updates)",
+                        c.line(),
+                        c.checked
+                    )?;
+                }
             }
         }
         if let Some(worker) = &self.worker {
@@ -218,7 +223,7 @@ pub async fn run(
             campaign,
             users: states.total(),
             states,
-            completion: (completion.checked > 0).then_some(completion),
+            completion: (completion.checked > 0 || completion.signed_out > 0).then_some(completion),
         });
     }
     if json {

@@ -349,6 +349,18 @@ impl Settings {
                 "is required when `cognito.action` is `admin_reset_user_password`",
             ));
         }
+        if self.cognito.sign_out
+            && self
+                .cognito
+                .user_pool_id
+                .as_deref()
+                .is_none_or(|p| p.trim().is_empty())
+        {
+            return Err(invalid(
+                "cognito.user_pool_id",
+                "is required when `cognito.sign_out` is true (AdminUserGlobalSignOut names the pool)",
+            ));
+        }
         self.validate_pools()
     }
 
@@ -412,6 +424,16 @@ impl Settings {
                 return Err(pool_err(
                     "user_pool_id",
                     "is required when the pool's action is `admin_reset_user_password`",
+                ));
+            }
+            if p.sign_out.unwrap_or(self.cognito.sign_out)
+                && p.user_pool_id
+                    .as_deref()
+                    .is_none_or(|id| id.trim().is_empty())
+            {
+                return Err(pool_err(
+                    "user_pool_id",
+                    "is required when the pool signs users out (`sign_out`, or `cognito.sign_out`)",
                 ));
             }
         }
@@ -763,6 +785,44 @@ mod tests {
                 ),
             );
             assert!(err.contains("`cognito.pools.b.user_pool_id`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sign_out_is_inherited_and_needs_the_pool_id() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            // Without the ID, the key that is missing is named.
+            let err = load_err(jail, &format!("{REQUIRED}sign_out = true\n"));
+            assert!(
+                err.contains("`cognito.user_pool_id`") && err.contains("sign_out"),
+                "{err}"
+            );
+            let err = load_err(
+                jail,
+                &format!(
+                    "{REQUIRED}sign_out = true\nuser_pool_id = \"p\"\n\
+                     [cognito.pools.b]\nclient_id = \"client-b\"\n"
+                ),
+            );
+            assert!(err.contains("`cognito.pools.b.user_pool_id`"), "{err}");
+            // A pool may opt out of an inherited sign-out, or in on its own.
+            jail.create_file(
+                "c.toml",
+                &format!(
+                    "{REQUIRED}sign_out = true\nuser_pool_id = \"p\"\n\
+                     [cognito.pools.b]\nclient_id = \"client-b\"\nsign_out = false\n\
+                     [cognito.pools.c]\nclient_id = \"client-c\"\nuser_pool_id = \"pc\"\n"
+                ),
+            )?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            let signs_out: Vec<bool> = s.cognito.all_pools().iter().map(|p| p.sign_out).collect();
+            assert_eq!(signs_out, [true, false, true]);
+            jail.set_env("RESET_WORKER_COGNITO__SIGN_OUT", "false");
+            jail.set_env("RESET_WORKER_COGNITO__POOLS__C__SIGN_OUT", "false");
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert!(s.cognito.all_pools().iter().all(|p| !p.sign_out));
             Ok(())
         });
     }

@@ -304,6 +304,15 @@ pub struct CognitoSettings {
     /// For every pool.
     #[serde(default = "defaults::request_timeout_seconds")]
     pub request_timeout_seconds: u64,
+    /// End the user's sessions too: after a successful reset, call
+    /// `AdminUserGlobalSignOut`, which revokes their refresh tokens (a reset
+    /// alone leaves an attacker's session valid). The user is `sent` only
+    /// once both steps succeeded; a failed sign-out is retried alone, never
+    /// the reset. Needs `cognito.user_pool_id` and
+    /// `cognito-idp:AdminUserGlobalSignOut`; each user then costs two
+    /// requests of the Region's budget. Default `false`.
+    #[serde(default)]
+    pub sign_out: bool,
     /// Further user pools, by name (`[cognito.pools.NAME]`): a job names its
     /// pool in its `pool` field. The keys above are the pool named
     /// `default`, so that name is taken. Names: 1–64 characters of
@@ -352,6 +361,11 @@ pub struct PoolSettings {
     /// SDK's (`AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER`, or AWS's own).
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// Sign this pool's users out after their reset (see
+    /// `cognito.sign_out`); needs this pool's `user_pool_id`. Unset:
+    /// `cognito.sign_out`.
+    #[serde(default)]
+    pub sign_out: Option<bool>,
 }
 
 impl PartialEq for PoolSettings {
@@ -363,6 +377,7 @@ impl PartialEq for PoolSettings {
             && self.region == other.region
             && self.action == other.action
             && self.endpoint_url == other.endpoint_url
+            && self.sign_out == other.sign_out
     }
 }
 
@@ -379,6 +394,7 @@ impl std::fmt::Debug for PoolSettings {
             .field("region", &self.region)
             .field("action", &self.action)
             .field("endpoint_url", &self.endpoint_url)
+            .field("sign_out", &self.sign_out)
             .finish()
     }
 }
@@ -398,6 +414,8 @@ pub struct Pool {
     pub action: Action,
     /// `None`: the SDK's endpoint.
     pub endpoint_url: Option<String>,
+    /// Call `AdminUserGlobalSignOut` after each reset.
+    pub sign_out: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -413,6 +431,7 @@ impl std::fmt::Debug for Pool {
             .field("region", &self.region)
             .field("action", &self.action)
             .field("endpoint_url", &self.endpoint_url)
+            .field("sign_out", &self.sign_out)
             .finish()
     }
 }
@@ -430,6 +449,7 @@ impl CognitoSettings {
             region: None,
             action: self.action,
             endpoint_url: None,
+            sign_out: self.sign_out,
         };
         let named = self.pools.iter().map(|(name, p)| Pool {
             name: name.clone(),
@@ -440,6 +460,7 @@ impl CognitoSettings {
             region: p.region.clone(),
             action: p.action.unwrap_or(self.action),
             endpoint_url: p.endpoint_url.clone(),
+            sign_out: p.sign_out.unwrap_or(self.sign_out),
         });
         std::iter::once(default).chain(named).collect()
     }
@@ -468,6 +489,7 @@ impl PartialEq for CognitoSettings {
             && self.action == other.action
             && self.user_pool_id == other.user_pool_id
             && self.request_timeout_seconds == other.request_timeout_seconds
+            && self.sign_out == other.sign_out
             && self.pools == other.pools
     }
 }
@@ -491,6 +513,7 @@ impl std::fmt::Debug for CognitoSettings {
             .field("action", &self.action)
             .field("user_pool_id", &self.user_pool_id)
             .field("request_timeout_seconds", &self.request_timeout_seconds)
+            .field("sign_out", &self.sign_out)
             .field("pools", &self.pools)
             .finish()
     }

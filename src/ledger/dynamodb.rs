@@ -113,6 +113,7 @@ fn stored(item: &HashMap<String, AttributeValue>) -> Option<Stored<'_>> {
         lease_until_ms: get_n(item, "lease_until"),
         attempts: get_n(item, "attempts") as u32,
         expires_at_s: get_n(item, "expires_at"),
+        reset_at_ms: get_opt_n(item, "reset_at"),
     })
 }
 
@@ -176,6 +177,25 @@ fn aws_smithy_error_kind<E, R>(err: &SdkError<E, R>) -> &'static str {
     }
 }
 
+impl Dynamo {
+    /// Drops an outdated `reset_at` (and `signed_out_at`) from a claim
+    /// `owner` holds.
+    async fn forget_reset(&self, key: Key<'_>, owner: &Owner) -> Result<(), LedgerError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(key)))
+            .update_expression("REMOVE reset_at, signed_out_at")
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner.as_str()))
+            .send()
+            .await;
+        applied(result).map(|_| ())
+    }
+}
+
 #[async_trait]
 impl Backend for Dynamo {
     async fn claim(
@@ -218,7 +238,22 @@ impl Backend for Dynamo {
         match result {
             Ok(out) => {
                 let old = out.attributes.unwrap_or_default();
-                Ok(decide_claim(stored(&old), owner, now_ms))
+                let claim = decide_claim(stored(&old), owner, now_ms);
+                // One conditional UpdateItem cannot choose what to keep:
+                // it left `reset_at` as it was. An entry past its retention
+                // (not yet removed by TTL) must not pass an old reset on to
+                // this new claim.
+                if matches!(
+                    claim,
+                    Claim::Granted {
+                        reset_at_ms: None,
+                        ..
+                    }
+                ) && old.contains_key("reset_at")
+                {
+                    self.forget_reset(key, owner).await?;
+                }
+                Ok(claim)
             }
             Err(err) => {
                 let old = match err.as_service_error() {
@@ -278,11 +313,26 @@ impl Backend for Dynamo {
             .set_key(Some(key_item(key)))
             // A new reset makes an earlier `report --refresh-status` check
             // stale: it is dropped.
-            .update_expression(
+            .update_expression(format!(
                 "SET #state = :state, reason = :reason, attempts = :attempts, \
-                 lease_until = :zero, updated_at = :now, expires_at = :expires \
-                 REMOVE user_status, user_modified_at, checked_at",
-            )
+                 lease_until = :zero, updated_at = :now, expires_at = :expires{}{} \
+                 REMOVE user_status, user_modified_at, checked_at{}",
+                if done.signed_out {
+                    ", signed_out_at = :now"
+                } else {
+                    ""
+                },
+                if done.reset {
+                    ", reset_at = if_not_exists(reset_at, :now)"
+                } else {
+                    ""
+                },
+                if done.signed_out {
+                    ""
+                } else {
+                    ", signed_out_at"
+                },
+            ))
             .expression_attribute_names("#state", "state")
             .expression_attribute_values(":state", s(done.state.as_str()))
             .expression_attribute_values(":reason", s(done.reason))
@@ -298,6 +348,22 @@ impl Backend for Dynamo {
                 .expression_attribute_values(":owner", s(owner.as_str()));
         }
         applied(request.send().await)
+    }
+
+    async fn record_reset(&self, key: Key<'_>, now_ms: u64) -> Result<bool, LedgerError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key_item(key)))
+            .update_expression("SET reset_at = :now")
+            // Never creates a partial entry.
+            .condition_expression("attribute_exists(#state)")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":now", n(now_ms))
+            .send()
+            .await;
+        applied(result)
     }
 
     async fn record_status(&self, key: Key<'_>, checked: Checked<'_>) -> Result<bool, LedgerError> {
@@ -407,7 +473,7 @@ impl Backend for Dynamo {
                 .expression_attribute_values(":c", s(campaign))
                 .projection_expression(
                     "username, #state, reason, attempts, updated_at, expires_at, \
-                     user_status, user_modified_at, checked_at",
+                     user_status, user_modified_at, checked_at, signed_out_at",
                 )
                 .expression_attribute_names("#state", "state")
                 .limit(PAGE)
@@ -430,6 +496,7 @@ impl Backend for Dynamo {
                     user_status: get_s(&item, "user_status").map(str::to_owned),
                     user_modified_at_ms: get_opt_n(&item, "user_modified_at"),
                     checked_at_ms: get_opt_n(&item, "checked_at"),
+                    signed_out_at_ms: get_opt_n(&item, "signed_out_at"),
                 };
                 if out.send(Ok(entry)).await.is_err() {
                     return Ok(());

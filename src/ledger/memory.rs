@@ -31,6 +31,9 @@ struct Row {
     user_status: Option<String>,
     user_modified_at_ms: Option<u64>,
     checked_at_ms: Option<u64>,
+    /// When the reset went out, while its sign-out is still to do.
+    reset_at_ms: Option<u64>,
+    signed_out_at_ms: Option<u64>,
 }
 
 pub struct Memory {
@@ -76,10 +79,15 @@ impl Backend for Memory {
                 lease_until_ms: row.lease_until_ms,
                 attempts: row.attempts,
                 expires_at_s: row.expires_at_s,
+                reset_at_ms: row.reset_at_ms,
             });
             let claim = decide_claim(stored, owner, now_ms);
             let op = match &claim {
                 Claim::Granted { prior_attempts, .. } | Claim::TakenOver { prior_attempts, .. } => {
+                    let reset_at_ms = match &claim {
+                        Claim::Granted { reset_at_ms, .. } => *reset_at_ms,
+                        _ => None,
+                    };
                     Op::Put(Row {
                         state: State::InProgress,
                         reason: String::new(),
@@ -91,6 +99,8 @@ impl Backend for Memory {
                         user_status: None,
                         user_modified_at_ms: None,
                         checked_at_ms: None,
+                        reset_at_ms,
+                        signed_out_at_ms: None,
                     })
                 }
                 Claim::AlreadySent | Claim::Held { .. } => Op::Nop,
@@ -142,6 +152,10 @@ impl Backend for Memory {
                 return Op::Nop;
             }
             written = true;
+            let reset_at_ms = current
+                .as_ref()
+                .and_then(|e| e.value().reset_at_ms)
+                .or(done.reset.then_some(now_ms));
             Op::Put(Row {
                 state: done.state,
                 reason: done.reason.to_owned(),
@@ -153,8 +167,26 @@ impl Backend for Memory {
                 user_status: None,
                 user_modified_at_ms: None,
                 checked_at_ms: None,
+                reset_at_ms,
+                signed_out_at_ms: done.signed_out.then_some(now_ms),
             })
         });
+        Ok(written)
+    }
+
+    async fn record_reset(&self, key: Key<'_>, now_ms: u64) -> Result<bool, LedgerError> {
+        let mut written = false;
+        self.rows
+            .entry(id(key))
+            .and_compute_with(|current| match current {
+                Some(e) => {
+                    written = true;
+                    let mut row = e.into_value();
+                    row.reset_at_ms = Some(now_ms);
+                    Op::Put(row)
+                }
+                None => Op::Nop,
+            });
         Ok(written)
     }
 
@@ -213,6 +245,7 @@ impl Backend for Memory {
                 user_status: row.user_status.clone(),
                 user_modified_at_ms: row.user_modified_at_ms,
                 checked_at_ms: row.checked_at_ms,
+                signed_out_at_ms: row.signed_out_at_ms,
             })
             .collect();
         rows.sort_by(|a, b| a.username.cmp(&b.username));
@@ -278,6 +311,8 @@ mod tests {
                 state: State::Sent,
                 reason: "ok",
                 attempts: 1,
+                signed_out: false,
+                reset: true,
             };
             m.finish(key, &w, sent, now, exp).await.unwrap();
         }

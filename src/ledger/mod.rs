@@ -127,6 +127,9 @@ pub struct Entry {
     pub user_modified_at_ms: Option<u64>,
     /// When that check was made, ms since the epoch.
     pub checked_at_ms: Option<u64>,
+    /// When the user's sessions were ended (`AdminUserGlobalSignOut`, with
+    /// `cognito.sign_out`), ms since the epoch; `None` when they were not.
+    pub signed_out_at_ms: Option<u64>,
 }
 
 impl Entry {
@@ -215,7 +218,14 @@ impl Owner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The user is ours: call. `prior_attempts` are earlier deliveries' calls.
-    Granted { owner: Owner, prior_attempts: u32 },
+    /// `reset_at_ms`: an earlier delivery's reset went out then (recorded by
+    /// [`Ledger::record_reset`]) but its sign-out did not finish, so only
+    /// the sign-out is left to do: never a second reset.
+    Granted {
+        owner: Owner,
+        prior_attempts: u32,
+        reset_at_ms: Option<u64>,
+    },
     /// The user is ours, but an earlier claim ran out in progress (a worker
     /// died mid-call): that call's fate is unknown.
     TakenOver { owner: Owner, prior_attempts: u32 },
@@ -231,6 +241,14 @@ pub struct Final<'a> {
     pub state: State,
     pub reason: &'a str,
     pub attempts: u32,
+    /// The user's sessions were ended (`AdminUserGlobalSignOut`): the entry
+    /// records when.
+    pub signed_out: bool,
+    /// The user's reset went out in this delivery (or was found done): the
+    /// entry keeps when (unless it has it already), so a job that ends
+    /// before its sign-out finished comes back to sign out only. Backs up
+    /// [`Ledger::record_reset`], which may not have landed.
+    pub reset: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +303,12 @@ pub trait Backend: Send + Sync {
         owner: &Owner,
         lease_until_ms: u64,
     ) -> Result<bool, LedgerError>;
+
+    /// Records that the reset call for a claimed user succeeded, before the
+    /// sign-out that follows it, so a retry after a failed sign-out does
+    /// only the sign-out. Written whoever holds the entry (an email went
+    /// out). `false`: there is no entry.
+    async fn record_reset(&self, key: Key<'_>, now_ms: u64) -> Result<bool, LedgerError>;
 
     /// Writes the final state: if `owner` still holds the claim, or
     /// unconditionally for `sent` (an email went out; the ledger must say
@@ -350,31 +374,43 @@ pub struct Stored<'a> {
     pub lease_until_ms: u64,
     pub attempts: u32,
     pub expires_at_s: u64,
+    /// When an earlier delivery's reset went out, if its sign-out is still
+    /// to do.
+    pub reset_at_ms: Option<u64>,
 }
 
 /// The claim rules, one place for every backend: what a stored row means
 /// for a new claim at `now`. `None` for the row means no entry.
+///
+/// A row whose reset is recorded (`reset_at_ms`) carries it into the grant:
+/// the reset is done, only the sign-out is left. Even an expired claim on
+/// such a row is a plain grant, not a take-over: the one step whose fate is
+/// unknown is the sign-out, and that one is safe to repeat.
 pub fn decide_claim(stored: Option<Stored<'_>>, owner: &Owner, now_ms: u64) -> Claim {
-    let granted = |prior_attempts| Claim::Granted {
+    let granted = |prior_attempts, reset_at_ms| Claim::Granted {
         owner: owner.clone(),
         prior_attempts,
+        reset_at_ms,
     };
     let Some(row) = stored.filter(|row| row.expires_at_s * 1000 > now_ms) else {
-        return granted(0);
+        return granted(0, None);
     };
     match row.state {
         State::Sent => Claim::AlreadySent,
         // Our own claim, landed by a write whose answer was lost.
-        State::InProgress if row.owner == Some(owner.as_str()) => granted(row.attempts),
+        State::InProgress if row.owner == Some(owner.as_str()) => {
+            granted(row.attempts, row.reset_at_ms)
+        }
         State::InProgress if row.lease_until_ms > now_ms => Claim::Held {
             remaining: Duration::from_millis(row.lease_until_ms - now_ms),
         },
+        State::InProgress if row.reset_at_ms.is_some() => granted(row.attempts, row.reset_at_ms),
         State::InProgress => Claim::TakenOver {
             owner: owner.clone(),
             prior_attempts: row.attempts,
         },
         State::Skipped | State::Rejected | State::Deferred | State::Uncertain => {
-            granted(row.attempts)
+            granted(row.attempts, row.reset_at_ms)
         }
     }
 }
@@ -455,6 +491,11 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let lease_until = now_ms() + lease.as_millis() as u64;
         timed("renew", self.backend.renew(key, owner, lease_until)).await
+    }
+
+    /// Records that the user's reset went out, before the sign-out.
+    pub async fn record_reset(&self, key: Key<'_>) -> Result<bool, LedgerError> {
+        timed("record_reset", self.backend.record_reset(key, now_ms())).await
     }
 
     pub async fn finish(
@@ -607,6 +648,7 @@ mod tests {
             lease_until_ms,
             attempts: 2,
             expires_at_s: 10_000,
+            reset_at_ms: None,
         }
     }
 
@@ -618,7 +660,8 @@ mod tests {
             decide_claim(None, &me, now),
             Claim::Granted {
                 owner: me.clone(),
-                prior_attempts: 0
+                prior_attempts: 0,
+                reset_at_ms: None,
             }
         );
         assert_eq!(
@@ -653,11 +696,51 @@ mod tests {
                 decide_claim(Some(row(again, "w2#1", 0)), &me, now),
                 Claim::Granted {
                     owner: me.clone(),
-                    prior_attempts: 2
+                    prior_attempts: 2,
+                    reset_at_ms: None,
                 },
                 "{again}"
             );
         }
+        // The reset went out but the sign-out did not finish: the grant
+        // says so, so only the sign-out is done again; an expired claim on
+        // it is not uncertain.
+        let reset_at_ms = Some(now - 60_000);
+        for (state, lease) in [
+            (State::Deferred, 0),
+            (State::InProgress, now - 1),
+            (State::Rejected, 0),
+        ] {
+            let mut signing_out = row(state, "w2#1", lease);
+            signing_out.reset_at_ms = reset_at_ms;
+            assert_eq!(
+                decide_claim(Some(signing_out), &me, now),
+                Claim::Granted {
+                    owner: me.clone(),
+                    prior_attempts: 2,
+                    reset_at_ms,
+                },
+                "{state}"
+            );
+        }
+        // ... held while another worker's lease runs, like any claim.
+        let mut held = row(State::InProgress, "w2#1", now + 5000);
+        held.reset_at_ms = reset_at_ms;
+        assert!(matches!(
+            decide_claim(Some(held), &me, now),
+            Claim::Held { .. }
+        ));
+        // ... and forgotten with the entry past its retention.
+        let mut old = row(State::Deferred, "w2#1", 0);
+        old.reset_at_ms = reset_at_ms;
+        old.expires_at_s = now / 1000 - 1;
+        assert!(matches!(
+            decide_claim(Some(old), &me, now),
+            Claim::Granted {
+                reset_at_ms: None,
+                ..
+            }
+        ));
         // Past its retention an entry counts as none, even `sent`.
         let mut old = row(State::Sent, "w2#1", 0);
         old.expires_at_s = now / 1000 - 1;
@@ -728,6 +811,7 @@ mod tests {
             user_status: None,
             user_modified_at_ms: None,
             checked_at_ms: None,
+            signed_out_at_ms: None,
         };
         assert_eq!(entry.completion(), None);
         entry.user_status = Some("CONFIRMED".into());

@@ -42,17 +42,22 @@ CREATE TABLE IF NOT EXISTS ledger (
     user_status TEXT,
     user_modified_at INTEGER,
     checked_at  INTEGER,
+    reset_at    INTEGER,
+    signed_out_at INTEGER,
     PRIMARY KEY (campaign, username)
 ) WITHOUT ROWID;
 ";
 
-/// Columns added after the first schema (`report --refresh-status`), with
-/// their types: a file written by an older version lacks them, and
-/// [`migrate`] adds them. All nullable, so old rows read as never checked.
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+/// Columns added after the first schema (`report --refresh-status`, then
+/// `cognito.sign_out`), with their types: a file written by an older
+/// version lacks them, and [`migrate`] adds them. All nullable, so old rows
+/// read as never checked and never signed out.
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("user_status", "TEXT"),
     ("user_modified_at", "INTEGER"),
     ("checked_at", "INTEGER"),
+    ("reset_at", "INTEGER"),
+    ("signed_out_at", "INTEGER"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a file from an older version lacks. Another
@@ -158,7 +163,7 @@ impl Backend for Sqlite {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let row = tx
                 .query_row(
-                    "SELECT state, owner, lease_until, attempts, expires_at FROM ledger
+                    "SELECT state, owner, lease_until, attempts, expires_at, reset_at FROM ledger
                      WHERE campaign = ?1 AND username = ?2",
                     params![campaign, username],
                     |r| {
@@ -168,32 +173,44 @@ impl Backend for Sqlite {
                             r.get::<_, i64>(2)? as u64,
                             r.get::<_, u32>(3)?,
                             r.get::<_, i64>(4)? as u64,
+                            r.get::<_, Option<i64>>(5)?.map(|t| t as u64),
                         ))
                     },
                 )
                 .optional()?;
-            let stored = row
-                .as_ref()
-                .and_then(|(state, row_owner, lease, attempts, expires)| {
-                    Some(Stored {
-                        state: State::parse(state)?,
-                        owner: row_owner.as_deref(),
-                        lease_until_ms: *lease,
-                        attempts: *attempts,
-                        expires_at_s: *expires,
-                    })
-                });
+            let stored =
+                row.as_ref()
+                    .and_then(|(state, row_owner, lease, attempts, expires, reset_at)| {
+                        Some(Stored {
+                            state: State::parse(state)?,
+                            owner: row_owner.as_deref(),
+                            lease_until_ms: *lease,
+                            attempts: *attempts,
+                            expires_at_s: *expires,
+                            reset_at_ms: *reset_at,
+                        })
+                    });
             let claim = decide_claim(stored, &owner, now_ms);
-            if let Claim::Granted { prior_attempts, .. } | Claim::TakenOver { prior_attempts, .. } =
-                &claim
-            {
+            let granted = match &claim {
+                Claim::Granted {
+                    prior_attempts,
+                    reset_at_ms,
+                    ..
+                } => Some((*prior_attempts, *reset_at_ms)),
+                Claim::TakenOver { prior_attempts, .. } => Some((*prior_attempts, None)),
+                Claim::AlreadySent | Claim::Held { .. } => None,
+            };
+            if let Some((prior_attempts, reset_at_ms)) = granted {
+                // `reset_at` as decided: kept while its sign-out is to do,
+                // cleared with an entry past its retention.
                 tx.execute(
                     "INSERT INTO ledger (campaign, username, state, reason, attempts, owner,
-                                         lease_until, updated_at, expires_at)
-                     VALUES (?1, ?2, 'in_progress', '', ?3, ?4, ?5, ?6, ?7)
+                                         lease_until, updated_at, expires_at, reset_at)
+                     VALUES (?1, ?2, 'in_progress', '', ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (campaign, username) DO UPDATE SET
                        state = 'in_progress', reason = '', attempts = ?3, owner = ?4,
-                       lease_until = ?5, updated_at = ?6, expires_at = ?7",
+                       lease_until = ?5, updated_at = ?6, expires_at = ?7, reset_at = ?8,
+                       signed_out_at = NULL",
                     params![
                         campaign,
                         username,
@@ -201,7 +218,8 @@ impl Backend for Sqlite {
                         owner.as_str(),
                         lease_until_ms as i64,
                         now_ms as i64,
-                        expires_at_s as i64
+                        expires_at_s as i64,
+                        reset_at_ms.map(|t| t as i64)
                     ],
                 )?;
             }
@@ -241,14 +259,18 @@ impl Backend for Sqlite {
         let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
         let owner = owner.clone();
         let (state, reason, attempts) = (done.state, done.reason.to_owned(), done.attempts);
+        let signed_out_at = done.signed_out.then_some(now_ms as i64);
+        let reset = done.reset;
         self.with(move |conn| {
             let changed = conn.execute(
                 "INSERT INTO ledger (campaign, username, state, reason, attempts, owner,
-                                     lease_until, updated_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8)
+                                     lease_until, updated_at, expires_at, signed_out_at,
+                                     reset_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, CASE WHEN ?10 THEN ?7 END)
                  ON CONFLICT (campaign, username) DO UPDATE SET
                    state = ?3, reason = ?4, attempts = ?5, lease_until = 0,
-                   updated_at = ?7, expires_at = ?8,
+                   updated_at = ?7, expires_at = ?8, signed_out_at = ?9,
+                   reset_at = CASE WHEN ?10 THEN coalesce(reset_at, ?7) ELSE reset_at END,
                    user_status = NULL, user_modified_at = NULL, checked_at = NULL
                  WHERE ?3 = 'sent' OR ledger.owner = ?6",
                 params![
@@ -259,8 +281,22 @@ impl Backend for Sqlite {
                     attempts,
                     owner.as_str(),
                     now_ms as i64,
-                    expires_at_s as i64
+                    expires_at_s as i64,
+                    signed_out_at,
+                    reset
                 ],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn record_reset(&self, key: Key<'_>, now_ms: u64) -> Result<bool, LedgerError> {
+        let (campaign, username) = (key.campaign.to_owned(), key.username.to_owned());
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "UPDATE ledger SET reset_at = ?3 WHERE campaign = ?1 AND username = ?2",
+                params![campaign, username, now_ms as i64],
             )?;
             Ok(changed == 1)
         })
@@ -323,7 +359,8 @@ impl Backend for Sqlite {
                 .with(move |conn| {
                     let mut stmt = conn.prepare_cached(
                         "SELECT username, state, reason, attempts, updated_at,
-                                user_status, user_modified_at, checked_at FROM ledger
+                                user_status, user_modified_at, checked_at, signed_out_at
+                         FROM ledger
                          WHERE campaign = ?1 AND (?2 IS NULL OR username > ?2) AND expires_at > ?3
                          ORDER BY username LIMIT ?4",
                     )?;
@@ -339,6 +376,7 @@ impl Backend for Sqlite {
                                 user_status: r.get(5)?,
                                 user_modified_at_ms: r.get::<_, Option<i64>>(6)?.map(|m| m as u64),
                                 checked_at_ms: r.get::<_, Option<i64>>(7)?.map(|m| m as u64),
+                                signed_out_at_ms: r.get::<_, Option<i64>>(8)?.map(|m| m as u64),
                             })
                         })?;
                     rows.collect()
@@ -459,6 +497,8 @@ mod tests {
             state: State::Deferred,
             reason: "x",
             attempts: 1,
+            signed_out: false,
+            reset: false,
         };
         assert!(
             !b.finish(key("u"), &wb, deferred, now, now / 1000 + 86_400)
@@ -469,6 +509,8 @@ mod tests {
             state: State::Sent,
             reason: "ok",
             attempts: 1,
+            signed_out: false,
+            reset: true,
         };
         assert!(
             a.finish(key("u"), &wa, sent, now, now / 1000 + 86_400)
@@ -516,6 +558,8 @@ mod tests {
             state: State::Sent,
             reason: "ok",
             attempts: 1,
+            signed_out: false,
+            reset: true,
         };
         ledger.finish(key("u"), &w, sent, now, exp).await.unwrap();
         assert!(ledger.record_status(key("u"), checked).await.unwrap());
@@ -533,6 +577,94 @@ mod tests {
             (entry.user_status, entry.checked_at_ms),
             (None, None),
             "cleared"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_whose_sign_out_failed_is_granted_for_the_sign_out_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Sqlite::open(&dir.path().join("l.sqlite3")).unwrap();
+        let (w1, w2, w3) = (
+            Owner("w#1".into()),
+            Owner("w#2".into()),
+            Owner("w#3".into()),
+        );
+        let now = now_ms();
+        let exp = now / 1000 + 86_400;
+        ledger
+            .claim(key("u"), &w1, now, now + 60_000, exp)
+            .await
+            .unwrap();
+        // No entry, nothing recorded.
+        assert!(!ledger.record_reset(key("v"), now).await.unwrap());
+        assert!(ledger.record_reset(key("u"), now + 1).await.unwrap());
+        // The sign-out failed: deferred, the reset kept.
+        let deferred = Final {
+            state: State::Deferred,
+            reason: "sign_out_failed",
+            attempts: 1,
+            signed_out: false,
+            reset: true,
+        };
+        assert!(
+            ledger
+                .finish(key("u"), &w1, deferred, now + 2, exp)
+                .await
+                .unwrap()
+        );
+        let again = ledger
+            .claim(key("u"), &w2, now + 3, now + 60_000, exp)
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Claim::Granted {
+                owner: w2.clone(),
+                prior_attempts: 1,
+                reset_at_ms: Some(now + 1),
+            }
+        );
+        // The worker died signing out: its expired claim still knows.
+        let taken = ledger
+            .claim(key("u"), &w3, now + 70_000, now + 130_000, exp)
+            .await
+            .unwrap();
+        assert!(
+            matches!(taken, Claim::Granted { reset_at_ms: Some(t), .. } if t == now + 1),
+            "{taken:?}"
+        );
+        let sent = Final {
+            state: State::Sent,
+            reason: "ok",
+            attempts: 1,
+            signed_out: true,
+            reset: true,
+        };
+        ledger
+            .finish(key("u"), &w3, sent, now + 70_001, exp)
+            .await
+            .unwrap();
+        let entry = first_entry(&ledger, now / 1000).await;
+        assert_eq!(
+            (entry.state, entry.signed_out_at_ms),
+            (State::Sent, Some(now + 70_001))
+        );
+        // Without a recorded reset, the final write is the backstop.
+        ledger
+            .claim(key("w"), &w1, now, now + 60_000, exp)
+            .await
+            .unwrap();
+        ledger
+            .finish(key("w"), &w1, deferred, now + 5, exp)
+            .await
+            .unwrap();
+        let next = ledger
+            .claim(key("w"), &w2, now + 6, now + 60_000, exp)
+            .await
+            .unwrap();
+        assert!(
+            matches!(next, Claim::Granted { reset_at_ms: Some(t), .. } if t == now + 5),
+            "{next:?}"
         );
     }
 }

@@ -122,11 +122,12 @@ impl Tally {
 
     /// Logs the outcome line, counts the metric and the tally.
     pub fn record(&self, r: &Report<'_>) {
+        // Codes delivered are counted at the call: a job can be `sent`
+        // without a code going out now (its reset went out on an earlier
+        // delivery, its sign-out now), and a code can go out in a delivery
+        // that ends deferred (its sign-out failed).
         let slot = match r.outcome {
-            Outcome::Sent { medium } => {
-                telemetry::code_delivered(medium);
-                &self.sent
-            }
+            Outcome::Sent { .. } => &self.sent,
             Outcome::Skipped { .. } => &self.skipped,
             Outcome::Rejected { .. } => &self.rejected,
             Outcome::Deferred { .. } => &self.deferred,

@@ -156,6 +156,81 @@ pub fn after_call(
     }
 }
 
+/// What a job does after one `AdminUserGlobalSignOut` call (with
+/// `cognito.sign_out`), which follows a reset that went out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignOutStep {
+    /// Call again after this delay (the call waits for the rate cap too).
+    Retry { after: Duration },
+    /// The campaign is misconfigured (above all a missing
+    /// `cognito-idp:AdminUserGlobalSignOut`): halt it.
+    Halt,
+    /// The user's sessions are ended, or there is no such user any more.
+    SignedOut,
+    /// Not signed out: the job ends in this outcome. The reset is recorded
+    /// in the ledger, so the job's next delivery signs out only.
+    Failed(Outcome),
+}
+
+/// Decides the next step after sign-out call number `attempts` (1-based).
+/// Unlike a reset, a sign-out sends nothing to the user and is idempotent:
+/// a lost answer (timeout) or a per-user limit is simply retried, like
+/// throttling, up to `retry.max_attempts`, then the job is deferred.
+pub fn after_sign_out(
+    result: Result<(), &CallError>,
+    attempts: u32,
+    retry: &RetrySettings,
+    backoff: &mut Backoff,
+) -> SignOutStep {
+    let Err(err) = result else {
+        return SignOutStep::SignedOut;
+    };
+    match classify(err) {
+        // Deleted since the reset: nobody left to sign out.
+        Class::UserNotFound => SignOutStep::SignedOut,
+        Class::Fatal => SignOutStep::Halt,
+        Class::Permanent => SignOutStep::Failed(Outcome::Rejected {
+            reason: "sign_out_refused",
+            detail: format!(
+                "AdminUserGlobalSignOut refused after the reset: {}",
+                err.code.as_str()
+            ),
+        }),
+        Class::Retryable | Class::Uncertain | Class::UserLimited | Class::RetryThenReject
+            if attempts < retry.max_attempts =>
+        {
+            SignOutStep::Retry {
+                after: backoff.next_delay(),
+            }
+        }
+        Class::Retryable | Class::Uncertain | Class::UserLimited | Class::RetryThenReject => {
+            SignOutStep::Failed(Outcome::Deferred {
+                reason: "sign_out_failed",
+                delay: backoff.next_delay().max(Duration::from_secs(1)),
+            })
+        }
+    }
+}
+
+/// The `reset_worker_sign_outs_total` result of one sign-out call.
+pub fn sign_out_label(result: Result<(), &CallError>) -> &'static str {
+    match result {
+        Ok(()) => "ok",
+        Err(err) => match err.code {
+            ErrorCode::UserNotFound => "user_not_found",
+            ErrorCode::TooManyRequests => "throttled",
+            _ => "error",
+        },
+    }
+}
+
+/// The reset went out on an earlier delivery (the ledger recorded it) and
+/// the pool no longer signs users out: nothing is left to do, and the user
+/// is `sent`. No code went out now.
+pub fn reset_earlier() -> Outcome {
+    Outcome::Sent { medium: "none" }
+}
+
 /// A body that is not a valid job can never succeed: reject it.
 pub fn unparsable(err: &JobError) -> Outcome {
     Outcome::Rejected {
@@ -454,6 +529,85 @@ mod tests {
                 err.as_ref().map(|e| e.code)
             );
         }
+    }
+
+    /// The sign-out's own table (docs/outcomes.md, "Ending sessions").
+    #[test]
+    fn sign_out_table() {
+        use ErrorCode::*;
+        let step = |code: Option<ErrorCode>, message: &str, attempt: u32| {
+            let mut backoff = Backoff::for_jobs(&settings());
+            let err = code.map(|c| error(c, message));
+            after_sign_out(
+                err.as_ref().map_or(Ok(()), Err),
+                attempt,
+                &settings(),
+                &mut backoff,
+            )
+        };
+        assert_eq!(step(None, "", 1), SignOutStep::SignedOut);
+        // Deleted since the reset: done, not an error.
+        assert_eq!(step(Some(UserNotFound), "", 1), SignOutStep::SignedOut);
+        // A missing permission, bad credentials, a wrong pool: halt.
+        for code in [AccessDenied, Credentials, ResourceNotFound, NotAuthorized] {
+            assert_eq!(step(Some(code), "", 1), SignOutStep::Halt, "{code:?}");
+        }
+        // Transient, and (unlike a reset) a lost answer or a per-user limit:
+        // retried in process, then deferred.
+        for code in [
+            TooManyRequests,
+            InternalError,
+            Timeout,
+            ConnectionLost,
+            LimitExceeded,
+            Other,
+        ] {
+            assert!(
+                matches!(step(Some(code), "", 4), SignOutStep::Retry { .. }),
+                "{code:?}"
+            );
+            assert!(
+                matches!(
+                    step(Some(code), "", 5),
+                    SignOutStep::Failed(Outcome::Deferred { reason: "sign_out_failed", delay })
+                        if delay >= Duration::from_secs(1)
+                ),
+                "{code:?}"
+            );
+        }
+        // Refused for this user: rejected, with the reset on record.
+        for (code, message) in [(InvalidParameter, ""), (NotAuthorized, "User is disabled.")] {
+            let SignOutStep::Failed(outcome) = step(Some(code), message, 1) else {
+                panic!("{code:?}: not failed");
+            };
+            assert_eq!(
+                (outcome.label(), outcome.reason()),
+                ("rejected", "sign_out_refused")
+            );
+            assert_eq!(
+                ledger_state(&outcome),
+                (State::Rejected, "sign_out_refused")
+            );
+        }
+        let deferred = Outcome::Deferred {
+            reason: "sign_out_failed",
+            delay: Duration::from_secs(1),
+        };
+        assert_eq!(
+            ledger_state(&deferred),
+            (State::Deferred, "sign_out_failed")
+        );
+        assert_eq!(ledger_state(&reset_earlier()), (State::Sent, "ok"));
+        assert_eq!(sign_out_label(Ok(())), "ok");
+        assert_eq!(
+            sign_out_label(Err(&error(UserNotFound, ""))),
+            "user_not_found"
+        );
+        assert_eq!(
+            sign_out_label(Err(&error(TooManyRequests, ""))),
+            "throttled"
+        );
+        assert_eq!(sign_out_label(Err(&error(AccessDenied, ""))), "error");
     }
 
     #[test]

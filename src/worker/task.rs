@@ -11,14 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::outcome::{Outcome, Report};
-use super::policy::{self, Step};
-use crate::aws::cognito::{Cognito, ErrorCode};
+use super::policy::{self, SignOutStep, Step};
+use crate::aws::cognito::{CallError, Cognito, ErrorCode};
 use crate::aws::resend::DeadLettered;
 use crate::aws::sqs::ReceivedMessage;
 use crate::backoff::Backoff;
 use crate::config::{DEFAULT_POOL, OnUncertain};
 use crate::job::ResetJob;
-use crate::ledger::{Claim, DEFAULT_CAMPAIGN, Final, Key, Owner};
+use crate::ledger::{Claim, DEFAULT_CAMPAIGN, Final, Key, LedgerError, Owner};
 use crate::rate::{Entry, RateLimiter};
 use crate::telemetry;
 
@@ -200,7 +200,7 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
         campaign: job.campaign_id.as_deref().unwrap_or(DEFAULT_CAMPAIGN),
         username: job.username.expose(),
     };
-    let (owner, prior_attempts, taken_over) =
+    let (owner, prior_attempts, taken_over, reset_earlier) =
         match shared.ledger.claim(key, shared.visibility).await {
             Err(err) => return decided(Called::without_call(shared.ledger_failed(&err))),
             Ok(Claim::AlreadySent) => return decided(Called::without_call(policy::already_sent())),
@@ -210,31 +210,67 @@ async fn decide(shared: &Shared, msg: &ReceivedMessage, held: &Held) -> Decided 
             Ok(Claim::Granted {
                 owner,
                 prior_attempts,
-            }) => (owner, prior_attempts, false),
+                reset_at_ms,
+            }) => (owner, prior_attempts, false, reset_at_ms.is_some()),
             Ok(Claim::TakenOver {
                 owner,
                 prior_attempts,
-            }) => (owner, prior_attempts, true),
+            }) => (owner, prior_attempts, true, false),
         };
     let _ = held.set((
         key.campaign.to_owned(),
         key.username.to_owned(),
         owner.clone(),
     ));
-    let called = if taken_over {
+    let called = if reset_earlier {
+        // An earlier delivery's reset went out and its sign-out did not
+        // finish: never a second reset (its code would void the first).
+        Some(Called::without_call(policy::reset_earlier()))
+    } else if taken_over {
         after_uncertain_claim(shared, cognito, &job, user.as_deref()).await
     } else {
         None
     };
-    let called = match called {
+    let mut called = match called {
         Some(called) => called,
         None => call_until_decided(shared, cognito, &limiter, &job).await,
     };
+    // Whether the user's reset is done (now or earlier): the ledger keeps
+    // it, so whatever happens to the sign-out, the reset is not repeated.
+    let reset = reset_earlier
+        || matches!(
+            called.outcome,
+            Outcome::Sent { .. }
+                | Outcome::Skipped {
+                    reason: "already_reset"
+                }
+        );
+    let mut signed_out = false;
+    if reset && cognito.signs_out() {
+        if !reset_earlier {
+            // Before the sign-out: if this worker dies during it, the next
+            // delivery finds the reset recorded and signs out only.
+            until_landed(shared, &msg.message_id, "reset", || {
+                shared.ledger.record_reset(key)
+            })
+            .await;
+        }
+        let out = sign_out_until_decided(shared, cognito, &limiter, &job).await;
+        match out.failed {
+            None => signed_out = true,
+            Some(outcome) => {
+                called.outcome = outcome;
+                called.last_error = out.last_error.or(called.last_error);
+            }
+        }
+    }
     let (state, reason) = policy::ledger_state(&called.outcome);
     let done = Final {
         state,
         reason,
         attempts: prior_attempts + called.attempts,
+        signed_out,
+        reset,
     };
     record(shared, key, &owner, done, &msg.message_id).await;
     decided(called)
@@ -280,29 +316,53 @@ async fn after_uncertain_claim(
 /// for most of the grace period at most; then the user is left
 /// `in_progress`, which the next claim treats as uncertain.
 async fn record(shared: &Shared, key: Key<'_>, owner: &Owner, done: Final<'_>, message_id: &str) {
+    let written = until_landed(shared, message_id, done.state.as_str(), || {
+        shared.ledger.finish(key, owner, done)
+    })
+    .await;
+    if written == Some(false) {
+        tracing::warn!(message_id, state = %done.state, "another worker took the user over; final state not written");
+    }
+}
+
+/// Runs a ledger write that must land (`what` names it in the logs) until
+/// it does: retried with backoff while the ledger is unavailable; after a
+/// stop, for 3/4 of the grace period at most. `None`: it never landed (a
+/// refusal, which halts the campaign, or the end of the grace period); the
+/// user then stays `in_progress`, which the next claim treats as uncertain.
+async fn until_landed<F, Fut>(
+    shared: &Shared,
+    message_id: &str,
+    what: &str,
+    mut write: F,
+) -> Option<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, LedgerError>>,
+{
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut deadline = None;
     loop {
-        match shared.ledger.finish(key, owner, done).await {
-            Ok(true) => return,
-            Ok(false) => {
-                tracing::warn!(message_id, state = %done.state, "another worker took the user over; final state not written");
-                return;
-            }
+        match write().await {
+            Ok(written) => return Some(written),
             Err(err) if err.is_fatal() => {
-                tracing::error!(message_id, state = %done.state, error = %err, "final ledger write refused; the user stays in_progress (uncertain)");
+                tracing::error!(message_id, write = what, error = %err, "ledger write refused; the user stays in_progress (uncertain)");
                 shared.ledger_failed(&err);
-                return;
+                return None;
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(message_id, error = %err, retry_in_ms = delay.as_millis() as u64, "final ledger write failed; retrying");
+                tracing::warn!(message_id, write = what, error = %err, retry_in_ms = delay.as_millis() as u64, "ledger write failed; retrying");
                 if shared.stop.is_cancelled() {
                     let until =
                         *deadline.get_or_insert_with(|| Instant::now() + shared.grace * 3 / 4);
                     if Instant::now() + delay > until {
-                        tracing::error!(message_id, state = %done.state, "final ledger write still failing at the end of the grace period; the user stays in_progress and counts as uncertain");
-                        return;
+                        tracing::error!(
+                            message_id,
+                            write = what,
+                            "ledger write still failing at the end of the grace period; the user stays in_progress and counts as uncertain"
+                        );
+                        return None;
                     }
                 }
                 tokio::time::sleep(delay).await;
@@ -336,20 +396,10 @@ async fn call_until_decided(
         let call_started = Instant::now();
         let result = cognito.reset(job).await;
         match &result {
-            Err(err) if err.code == ErrorCode::TooManyRequests => {
-                last_error = Some(err.code);
-                limiter.on_throttled(call_started);
-            }
-            Err(err) => {
-                last_error = Some(err.code);
-                // Any other answer from Cognito spent quota too: it was let
-                // through. A call that got no answer tells nothing.
-                if err.http_status.is_some() {
-                    limiter.on_admitted();
-                }
-            }
-            Ok(_) => limiter.on_admitted(),
+            Ok(delivery) => telemetry::code_delivered(delivery.medium),
+            Err(err) => last_error = Some(err.code),
         }
+        adapt(limiter, call_started, result.as_ref().map(|_| ()));
         match policy::after_call(result.as_ref(), attempts, &shared.retry, &mut backoff) {
             Step::Done(outcome) => break outcome,
             Step::Halt => {
@@ -378,6 +428,83 @@ async fn call_until_decided(
         attempts,
         last_error,
     }
+}
+
+/// Tells the Region's limiter what Cognito made of a call sent at
+/// `started`: a throttle cuts the rate; any other answer spent quota (it
+/// was let through); a call that got no answer tells nothing.
+fn adapt(limiter: &RateLimiter, started: Instant, result: Result<(), &CallError>) {
+    match result {
+        Err(err) if err.code == ErrorCode::TooManyRequests => limiter.on_throttled(started),
+        Err(err) if err.http_status.is_none() => {}
+        _ => limiter.on_admitted(),
+    }
+}
+
+/// How the sign-out after a reset ended.
+struct SignOut {
+    /// `None`: the user is signed out (or gone). Otherwise the job's outcome.
+    failed: Option<Outcome>,
+    last_error: Option<ErrorCode>,
+}
+
+/// The sign-out loop (`cognito.sign_out`), after a reset that went out:
+/// `AdminUserGlobalSignOut` on the same Region budget as the reset, until
+/// [`policy::after_sign_out`] decides. It is safe to repeat, so unlike the
+/// reset a stop or a lost answer costs nothing but a later retry.
+async fn sign_out_until_decided(
+    shared: &Shared,
+    cognito: &Cognito,
+    limiter: &RateLimiter,
+    job: &ResetJob,
+) -> SignOut {
+    let mut backoff = Backoff::for_jobs(&shared.retry);
+    let mut attempts = 0;
+    let mut last_error = None;
+    let failed = loop {
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => break Some(policy::released(shared.release_reason())),
+            granted = limiter.acquire() => if granted.is_err() {
+                break Some(policy::released("paused"));
+            },
+        }
+        attempts += 1;
+        let started = Instant::now();
+        let result = cognito.sign_out(job.username.expose()).await;
+        adapt(limiter, started, result.as_ref().copied());
+        telemetry::sign_out(policy::sign_out_label(result.as_ref().copied()));
+        if let Err(err) = &result {
+            last_error = Some(err.code);
+        }
+        match policy::after_sign_out(
+            result.as_ref().copied(),
+            attempts,
+            &shared.retry,
+            &mut backoff,
+        ) {
+            SignOutStep::SignedOut => break None,
+            SignOutStep::Failed(outcome) => break Some(outcome),
+            SignOutStep::Halt => {
+                if let Err(err) = &result {
+                    tracing::error!(
+                        error_code = err.code.as_str(),
+                        "AdminUserGlobalSignOut refused for the campaign (cognito-idp:AdminUserGlobalSignOut allowed?); halting"
+                    );
+                    shared.halt(err);
+                }
+                break Some(policy::released("halted"));
+            }
+            SignOutStep::Retry { after } => {
+                tokio::select! {
+                    biased;
+                    _ = shared.stop.cancelled() => break Some(policy::released(shared.release_reason())),
+                    _ = tokio::time::sleep(after) => {}
+                }
+            }
+        }
+    };
+    SignOut { failed, last_error }
 }
 
 /// Carries the decision out on SQS. Returns the outcome that really
