@@ -4,7 +4,8 @@
 #   source "$(dirname "$0")/lib.sh"
 #
 # Provides: REPO_ROOT, PY (set by ensure_python_deps), ensure_python_deps,
-# free_port, start_moto PORT (sets MOTO_PID, MOTO_URL, MOTO_DIR), stop_moto.
+# free_port, start_moto PORT (sets MOTO_PID, MOTO_URL, MOTO_DIR), stop_moto,
+# moto_call_count OPERATION, export_local_aws_env.
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export REPO_ROOT
@@ -89,10 +90,12 @@ stop_moto() {
   return 0
 }
 
-# Number of ForgotPassword calls moto has recorded since it started.
-moto_forgot_password_count() {
+# moto_call_count OPERATION: the number of calls of a Cognito operation
+# (ForgotPassword, AdminResetUserPassword, ...) moto has recorded since it started.
+moto_call_count() {
   curl -fsS "$MOTO_URL/moto-api/recorder/download-recording" | "${PY:-python3}" -c '
 import json, sys
+target = "AWSCognitoIdentityProviderService." + sys.argv[1]
 n = 0
 for line in sys.stdin:
     try:
@@ -100,10 +103,10 @@ for line in sys.stdin:
     except ValueError:
         continue
     headers = {k.lower(): v for k, v in entry.get("headers", {}).items()}
-    if headers.get("x-amz-target") == "AWSCognitoIdentityProviderService.ForgotPassword":
+    if headers.get("x-amz-target") == target:
         n += 1
 print(n)
-'
+' "$1"
 }
 
 # Points the worker (and the AWS SDK) at the local moto: dummy credentials,

@@ -13,8 +13,15 @@ With --user NAME (repeatable) no campaign file is read: exactly those users
 are created and nothing is enqueued; --no-campaign alone creates no users.
 The integration tests (tests/support, `Stack::new`) build their stacks this way.
 
+With --user-pool-id ID --set-password NAME (repeatable) nothing is created:
+each NAME of that existing pool is given a random permanent password
+(AdminSetUserPassword, Permanent: status CONFIRMED), as if the user had set
+it. The demo uses it to give users a password before an
+admin_reset_user_password campaign (Cognito resets only users who have one)
+and to play a user who sets a new password after the reset.
+
 Prints shell `export` lines on stdout (eval them), or with --json one JSON
-object; progress goes to stderr.
+object (with --set-password: nothing); progress goes to stderr.
 Never point --endpoint at real AWS: the credentials are dummies.
 """
 
@@ -62,7 +69,25 @@ def parse_args() -> argparse.Namespace:
         help="print one JSON object (queue_url, dead_letter_queue_url, user_pool_id, client_id, "
         "client_secret, users, job_count) instead of shell exports",
     )
+    p.add_argument(
+        "--user-pool-id",
+        metavar="ID",
+        help="an existing pool, for --set-password (no stack is created)",
+    )
+    p.add_argument(
+        "--set-password",
+        action="append",
+        metavar="NAME",
+        help="give this user of --user-pool-id a random permanent password (repeatable)",
+    )
     args = p.parse_args()
+    if (args.set_password is None) != (args.user_pool_id is None):
+        p.error("--set-password and --user-pool-id go together")
+    if args.set_password is not None:
+        stack_options = [args.campaign, args.user, args.no_campaign, args.fifo, args.no_enqueue, args.json]
+        if any(stack_options):
+            p.error("--set-password creates no stack: it cannot be combined with the stack options")
+        return args
     if args.user is not None:
         args.no_campaign = True
     if args.no_campaign and args.campaign is not None:
@@ -85,16 +110,29 @@ def read_campaign(path: Path) -> list[str]:
     return lines
 
 
+def set_passwords(cognito, pool_id: str, usernames: list[str]) -> None:
+    for username in usernames:
+        # Meets the default password policy: 8+ characters, upper, lower, digit, symbol.
+        password = "Aa1!" + secrets.token_urlsafe(12)
+        cognito.admin_set_user_password(UserPoolId=pool_id, Username=username, Password=password, Permanent=True)
+    users = "user" if len(usernames) == 1 else "users"
+    print(f"local stack: pool {pool_id}, permanent password set for {len(usernames)} {users}", file=sys.stderr)
+
+
 def main() -> int:
     args = parse_args()
-    jobs = [] if args.no_campaign else read_campaign(args.campaign)
-    suffix = secrets.token_hex(4)
     session = boto3.session.Session(
         aws_access_key_id="test",
         aws_secret_access_key="test",
         region_name=REGION,
     )
     cognito = session.client("cognito-idp", endpoint_url=args.endpoint)
+    if args.set_password is not None:
+        set_passwords(cognito, args.user_pool_id, list(dict.fromkeys(args.set_password)))
+        return 0
+
+    jobs = [] if args.no_campaign else read_campaign(args.campaign)
+    suffix = secrets.token_hex(4)
     sqs = session.client("sqs", endpoint_url=args.endpoint)
 
     pool_id = cognito.create_user_pool(
