@@ -23,10 +23,10 @@ use serde::Serialize;
 
 use super::paced::{ReadError, paced};
 use crate::aws::cognito::{self, CallError, Cognito, Pools};
-use crate::config::{DEFAULT_POOL, Settings};
+use crate::config::{Action, DEFAULT_POOL, Settings};
 use crate::ledger::{
-    Checked, Completion, Entry, Key, Ledger, LedgerError, NOT_FOUND, State, dynamodb, now_ms,
-    rfc3339,
+    Checked, Completion, Entry, Key, Ledger, LedgerError, NOT_FOUND, State, completion, dynamodb,
+    now_ms, rfc3339,
 };
 
 /// The refresh logs its progress at least this often...
@@ -415,10 +415,19 @@ pub async fn refresh_status(
             continue;
         }
         let state = read_user(pool, &limiter, &entry.username).await?;
+        let user_status = state.as_ref().map_or(NOT_FOUND, |s| s.status.as_str());
+        let modified_at_ms = state.as_ref().and_then(|s| s.modified_at_ms);
+        // Known to have waited for a new password since the reset: an
+        // earlier check saw it, or AdminResetUserPassword (the pool's
+        // action) leaves every user so.
+        let waited = entry.seen_waiting() || pool.action() == Action::AdminResetUserPassword;
+        let completed = completion(user_status, modified_at_ms, entry.updated_at_ms, waited)
+            == Completion::Completed;
         let checked = Checked {
-            user_status: state.as_ref().map_or(NOT_FOUND, |s| s.status.as_str()),
-            modified_at_ms: state.as_ref().and_then(|s| s.modified_at_ms),
+            user_status,
+            modified_at_ms,
             checked_at_ms: now_ms(),
+            completed,
         };
         let key = Key {
             campaign,

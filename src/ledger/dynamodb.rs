@@ -316,7 +316,7 @@ impl Backend for Dynamo {
             .update_expression(format!(
                 "SET #state = :state, reason = :reason, attempts = :attempts, \
                  lease_until = :zero, updated_at = :now, expires_at = :expires{}{} \
-                 REMOVE user_status, user_modified_at, checked_at{}",
+                 REMOVE user_status, user_modified_at, checked_at, completed_at{}",
                 if done.signed_out {
                     ", signed_out_at = :now"
                 } else {
@@ -379,15 +379,22 @@ impl Backend for Dynamo {
             .expression_attribute_values(":sent", s(State::Sent.as_str()))
             .expression_attribute_values(":status", s(checked.user_status))
             .expression_attribute_values(":checked", n(checked.checked_at_ms));
+        let completed = if checked.completed {
+            ", completed_at = if_not_exists(completed_at, :checked)"
+        } else {
+            ""
+        };
         request = match checked.modified_at_ms {
             Some(modified) => request
-                .update_expression(
-                    "SET user_status = :status, checked_at = :checked, user_modified_at = :modified",
-                )
+                .update_expression(format!(
+                    "SET user_status = :status, checked_at = :checked, \
+                     user_modified_at = :modified{completed}"
+                ))
                 .expression_attribute_values(":modified", n(modified)),
-            None => request.update_expression(
-                "SET user_status = :status, checked_at = :checked REMOVE user_modified_at",
-            ),
+            None => request.update_expression(format!(
+                "SET user_status = :status, checked_at = :checked{completed} \
+                 REMOVE user_modified_at"
+            )),
         };
         applied(request.send().await)
     }
@@ -473,7 +480,7 @@ impl Backend for Dynamo {
                 .expression_attribute_values(":c", s(campaign))
                 .projection_expression(
                     "username, #state, reason, attempts, updated_at, expires_at, \
-                     user_status, user_modified_at, checked_at, signed_out_at",
+                     user_status, user_modified_at, checked_at, signed_out_at, completed_at",
                 )
                 .expression_attribute_names("#state", "state")
                 .limit(PAGE)
@@ -497,6 +504,7 @@ impl Backend for Dynamo {
                     user_modified_at_ms: get_opt_n(&item, "user_modified_at"),
                     checked_at_ms: get_opt_n(&item, "checked_at"),
                     signed_out_at_ms: get_opt_n(&item, "signed_out_at"),
+                    completed_at_ms: get_opt_n(&item, "completed_at"),
                 };
                 if out.send(Ok(entry)).await.is_err() {
                     return Ok(());

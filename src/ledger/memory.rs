@@ -31,6 +31,7 @@ struct Row {
     user_status: Option<String>,
     user_modified_at_ms: Option<u64>,
     checked_at_ms: Option<u64>,
+    completed_at_ms: Option<u64>,
     /// When the reset went out, while its sign-out is still to do.
     reset_at_ms: Option<u64>,
     signed_out_at_ms: Option<u64>,
@@ -99,6 +100,7 @@ impl Backend for Memory {
                         user_status: None,
                         user_modified_at_ms: None,
                         checked_at_ms: None,
+                        completed_at_ms: None,
                         reset_at_ms,
                         signed_out_at_ms: None,
                     })
@@ -167,6 +169,7 @@ impl Backend for Memory {
                 user_status: None,
                 user_modified_at_ms: None,
                 checked_at_ms: None,
+                completed_at_ms: None,
                 reset_at_ms,
                 signed_out_at_ms: done.signed_out.then_some(now_ms),
             })
@@ -201,6 +204,9 @@ impl Backend for Memory {
                     row.user_status = Some(checked.user_status.to_owned());
                     row.user_modified_at_ms = checked.modified_at_ms;
                     row.checked_at_ms = Some(checked.checked_at_ms);
+                    if checked.completed && row.completed_at_ms.is_none() {
+                        row.completed_at_ms = Some(checked.checked_at_ms);
+                    }
                     Op::Put(row)
                 }
                 _ => Op::Nop,
@@ -245,6 +251,7 @@ impl Backend for Memory {
                 user_status: row.user_status.clone(),
                 user_modified_at_ms: row.user_modified_at_ms,
                 checked_at_ms: row.checked_at_ms,
+                completed_at_ms: row.completed_at_ms,
                 signed_out_at_ms: row.signed_out_at_ms,
             })
             .collect();

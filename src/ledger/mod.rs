@@ -127,6 +127,9 @@ pub struct Entry {
     pub user_modified_at_ms: Option<u64>,
     /// When that check was made, ms since the epoch.
     pub checked_at_ms: Option<u64>,
+    /// When a check first found the user done with their reset (by
+    /// [`completion`]); it stays, whatever later checks say.
+    pub completed_at_ms: Option<u64>,
     /// When the user's sessions were ended (`AdminUserGlobalSignOut`, with
     /// `cognito.sign_out`), ms since the epoch; `None` when they were not.
     pub signed_out_at_ms: Option<u64>,
@@ -140,11 +143,22 @@ impl Entry {
             return None;
         }
         let status = self.user_status.as_deref()?;
+        if self.completed_at_ms.is_some() {
+            return Some(Completion::Completed);
+        }
         Some(completion(
             status,
             self.user_modified_at_ms,
             self.updated_at_ms,
+            false,
         ))
+    }
+
+    /// Whether the user is known to have been waiting for a new password
+    /// since the reset: a check found them `RESET_REQUIRED` or
+    /// `FORCE_CHANGE_PASSWORD`.
+    pub fn seen_waiting(&self) -> bool {
+        self.state == State::Sent && self.user_status.as_deref().is_some_and(waits_for_password)
     }
 }
 
@@ -176,20 +190,34 @@ impl Completion {
 /// The completion rule, one place for the refresh and the report: has a
 /// user whose reset was recorded at `reset_at_ms` set a new password, given
 /// their Cognito `user_status` and `UserLastModifiedDate` (`modified_at_ms`)?
+/// `waited`: the user is known to have been waiting for a new password
+/// since the reset (`AdminResetUserPassword` leaves them `RESET_REQUIRED`,
+/// or an earlier check saw them so).
 ///
-/// Cognito has no "password changed at" field, so a modification after the
-/// reset is the evidence: `RESET_REQUIRED` and `FORCE_CHANGE_PASSWORD` wait
-/// for a new password whatever the date; any other status (`CONFIRMED`
-/// above all) counts as completed only when the user was modified after the
-/// reset. `forgot_password` leaves a user `CONFIRMED` until they confirm a
-/// new password, so `CONFIRMED` alone proves nothing.
-pub fn completion(user_status: &str, modified_at_ms: Option<u64>, reset_at_ms: u64) -> Completion {
+/// `RESET_REQUIRED` and `FORCE_CHANGE_PASSWORD` wait for a new password
+/// whatever the date. A user who was waiting and no longer is has set one.
+/// Otherwise Cognito has no "password changed at" field, so a modification
+/// after the reset is the evidence: `forgot_password` leaves a user
+/// `CONFIRMED` until they confirm a new password, so `CONFIRMED` alone
+/// proves nothing.
+pub fn completion(
+    user_status: &str,
+    modified_at_ms: Option<u64>,
+    reset_at_ms: u64,
+    waited: bool,
+) -> Completion {
     match user_status {
         NOT_FOUND => Completion::NotFound,
-        "RESET_REQUIRED" | "FORCE_CHANGE_PASSWORD" => Completion::Pending,
+        status if waits_for_password(status) => Completion::Pending,
+        _ if waited => Completion::Completed,
         _ if modified_at_ms.is_some_and(|m| m > reset_at_ms) => Completion::Completed,
         _ => Completion::Pending,
     }
+}
+
+/// The statuses of a user who must set a new password before signing in.
+fn waits_for_password(user_status: &str) -> bool {
+    matches!(user_status, "RESET_REQUIRED" | "FORCE_CHANGE_PASSWORD")
 }
 
 /// What one `AdminGetUser` found, for [`Backend::record_status`].
@@ -201,6 +229,9 @@ pub struct Checked<'a> {
     pub modified_at_ms: Option<u64>,
     /// When the check was made, ms since the epoch.
     pub checked_at_ms: u64,
+    /// The check found the user done ([`completion`]): recorded as
+    /// `completed_at` (unless it is already), which later checks keep.
+    pub completed: bool,
 }
 
 /// Who holds a claim: this worker and a number unique to the claim, so a
@@ -759,43 +790,68 @@ mod tests {
         // Reset by AdminResetUserPassword: waiting for a new password,
         // whatever the date says.
         assert_eq!(
-            completion("RESET_REQUIRED", Some(reset + 5000), reset),
+            completion("RESET_REQUIRED", Some(reset + 5000), reset, false),
             Completion::Pending
         );
         assert_eq!(
-            completion("FORCE_CHANGE_PASSWORD", Some(reset + 5000), reset),
+            completion("FORCE_CHANGE_PASSWORD", Some(reset + 5000), reset, false),
             Completion::Pending
         );
         // A new password set after the reset.
         assert_eq!(
-            completion("CONFIRMED", Some(reset + 1), reset),
+            completion("CONFIRMED", Some(reset + 1), reset, false),
             Completion::Completed
         );
         // ForgotPassword leaves the user CONFIRMED: not modified since the
         // reset (or at its very moment) is not done.
         assert_eq!(
-            completion("CONFIRMED", Some(reset - 1), reset),
+            completion("CONFIRMED", Some(reset - 1), reset, false),
             Completion::Pending
         );
         assert_eq!(
-            completion("CONFIRMED", Some(reset), reset),
+            completion("CONFIRMED", Some(reset), reset, false),
             Completion::Pending
         );
-        assert_eq!(completion("CONFIRMED", None, reset), Completion::Pending);
+        assert_eq!(
+            completion("CONFIRMED", None, reset, false),
+            Completion::Pending
+        );
         // Any other status modified after the reset counts as done; not
         // modified, as pending.
         assert_eq!(
-            completion("EXTERNAL_PROVIDER", Some(reset + 1), reset),
+            completion("EXTERNAL_PROVIDER", Some(reset + 1), reset, false),
             Completion::Completed
         );
         assert_eq!(
-            completion("UNCONFIRMED", Some(reset - 1), reset),
+            completion("UNCONFIRMED", Some(reset - 1), reset, false),
             Completion::Pending
         );
-        // Gone from the pool: a bucket of its own, whatever the dates.
-        assert_eq!(completion(NOT_FOUND, None, reset), Completion::NotFound);
+        // Known to have waited for a new password (AdminResetUserPassword,
+        // or an earlier check): no longer waiting is done, whatever the date
+        // says (Cognito may not move it for a new password).
         assert_eq!(
-            completion(NOT_FOUND, Some(reset + 1), reset),
+            completion("CONFIRMED", Some(reset - 1), reset, true),
+            Completion::Completed
+        );
+        assert_eq!(
+            completion("CONFIRMED", None, reset, true),
+            Completion::Completed
+        );
+        assert_eq!(
+            completion("RESET_REQUIRED", Some(reset + 1), reset, true),
+            Completion::Pending
+        );
+        assert_eq!(
+            completion(NOT_FOUND, None, reset, true),
+            Completion::NotFound
+        );
+        // Gone from the pool: a bucket of its own, whatever the dates.
+        assert_eq!(
+            completion(NOT_FOUND, None, reset, false),
+            Completion::NotFound
+        );
+        assert_eq!(
+            completion(NOT_FOUND, Some(reset + 1), reset, false),
             Completion::NotFound
         );
     }
@@ -811,14 +867,22 @@ mod tests {
             user_status: None,
             user_modified_at_ms: None,
             checked_at_ms: None,
+            completed_at_ms: None,
             signed_out_at_ms: None,
         };
         assert_eq!(entry.completion(), None);
         entry.user_status = Some("CONFIRMED".into());
         entry.user_modified_at_ms = Some(2000);
         assert_eq!(entry.completion(), Some(Completion::Completed));
+        // A completion once found stays, whatever a later check read.
+        entry.user_status = Some("RESET_REQUIRED".into());
+        assert_eq!(entry.completion(), Some(Completion::Pending));
+        assert!(entry.seen_waiting());
+        entry.completed_at_ms = Some(3000);
+        assert_eq!(entry.completion(), Some(Completion::Completed));
         entry.state = State::Skipped;
         assert_eq!(entry.completion(), None);
+        assert!(!entry.seen_waiting());
     }
 
     #[test]

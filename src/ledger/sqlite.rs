@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     user_status TEXT,
     user_modified_at INTEGER,
     checked_at  INTEGER,
+    completed_at INTEGER,
     reset_at    INTEGER,
     signed_out_at INTEGER,
     PRIMARY KEY (campaign, username)
@@ -52,10 +53,11 @@ CREATE TABLE IF NOT EXISTS ledger (
 /// `cognito.sign_out`), with their types: a file written by an older
 /// version lacks them, and [`migrate`] adds them. All nullable, so old rows
 /// read as never checked and never signed out.
-const ADDED_COLUMNS: [(&str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str); 6] = [
     ("user_status", "TEXT"),
     ("user_modified_at", "INTEGER"),
     ("checked_at", "INTEGER"),
+    ("completed_at", "INTEGER"),
     ("reset_at", "INTEGER"),
     ("signed_out_at", "INTEGER"),
 ];
@@ -271,7 +273,8 @@ impl Backend for Sqlite {
                    state = ?3, reason = ?4, attempts = ?5, lease_until = 0,
                    updated_at = ?7, expires_at = ?8, signed_out_at = ?9,
                    reset_at = CASE WHEN ?10 THEN coalesce(reset_at, ?7) ELSE reset_at END,
-                   user_status = NULL, user_modified_at = NULL, checked_at = NULL
+                   user_status = NULL, user_modified_at = NULL, checked_at = NULL,
+                   completed_at = NULL
                  WHERE ?3 = 'sent' OR ledger.owner = ?6",
                 params![
                     campaign,
@@ -308,11 +311,13 @@ impl Backend for Sqlite {
         let status = checked.user_status.to_owned();
         let modified = checked.modified_at_ms.map(|m| m as i64);
         let at = checked.checked_at_ms as i64;
+        let completed = checked.completed;
         self.with(move |conn| {
             let changed = conn.execute(
-                "UPDATE ledger SET user_status = ?3, user_modified_at = ?4, checked_at = ?5
+                "UPDATE ledger SET user_status = ?3, user_modified_at = ?4, checked_at = ?5,
+                   completed_at = CASE WHEN ?6 THEN coalesce(completed_at, ?5) ELSE completed_at END
                  WHERE campaign = ?1 AND username = ?2 AND state = 'sent'",
-                params![campaign, username, status, modified, at],
+                params![campaign, username, status, modified, at, completed],
             )?;
             Ok(changed == 1)
         })
@@ -359,7 +364,8 @@ impl Backend for Sqlite {
                 .with(move |conn| {
                     let mut stmt = conn.prepare_cached(
                         "SELECT username, state, reason, attempts, updated_at,
-                                user_status, user_modified_at, checked_at, signed_out_at
+                                user_status, user_modified_at, checked_at, signed_out_at,
+                                completed_at
                          FROM ledger
                          WHERE campaign = ?1 AND (?2 IS NULL OR username > ?2) AND expires_at > ?3
                          ORDER BY username LIMIT ?4",
@@ -377,6 +383,7 @@ impl Backend for Sqlite {
                                 user_modified_at_ms: r.get::<_, Option<i64>>(6)?.map(|m| m as u64),
                                 checked_at_ms: r.get::<_, Option<i64>>(7)?.map(|m| m as u64),
                                 signed_out_at_ms: r.get::<_, Option<i64>>(8)?.map(|m| m as u64),
+                                completed_at_ms: r.get::<_, Option<i64>>(9)?.map(|m| m as u64),
                             })
                         })?;
                     rows.collect()
@@ -546,6 +553,7 @@ mod tests {
             user_status: "CONFIRMED",
             modified_at_ms: Some(now + 5),
             checked_at_ms: now + 10,
+            completed: true,
         };
         // No entry: nothing written, none created.
         assert!(!ledger.record_status(key("u"), checked).await.unwrap());
@@ -567,6 +575,7 @@ mod tests {
         assert_eq!(entry.user_status.as_deref(), Some("CONFIRMED"));
         assert_eq!(entry.user_modified_at_ms, Some(now + 5));
         assert_eq!(entry.checked_at_ms, Some(now + 10));
+        assert_eq!(entry.completed_at_ms, Some(now + 10));
         // A new reset makes the old check meaningless.
         ledger
             .finish(key("u"), &w, sent, now + 20, exp)
@@ -574,8 +583,12 @@ mod tests {
             .unwrap();
         let entry = first_entry(&ledger, now / 1000).await;
         assert_eq!(
-            (entry.user_status, entry.checked_at_ms),
-            (None, None),
+            (
+                entry.user_status,
+                entry.checked_at_ms,
+                entry.completed_at_ms
+            ),
+            (None, None, None),
             "cleared"
         );
     }
