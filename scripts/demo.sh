@@ -163,11 +163,10 @@ exit_if_failed "act 1" "$JOBS"
 
 # Act 2: a breach response. Passwords leaked, so the reset must invalidate
 # them: admin_reset_user_password (needs the pool ID, exported above).
-echo "== act 2: a breach response (breach-demo, admin_reset_user_password) =="
+echo "== act 2: a breach response (breach-demo, admin_reset_user_password, sign_out) =="
 export RESET_WORKER_COGNITO__ACTION=admin_reset_user_password
 # Sign-out revokes the refresh tokens, which a reset alone leaves valid.
-# SIGN-OUT: enable once cognito.sign_out lands
-# export RESET_WORKER_COGNITO__SIGN_OUT=true
+export RESET_WORKER_COGNITO__SIGN_OUT=true
 
 # set_password USER...: gives each user of the demo pool a permanent password
 # (status CONFIRMED), as the user would by signing in or finishing a reset.
