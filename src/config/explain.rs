@@ -71,6 +71,16 @@ impl Settings {
                         format!("{source} (follows cognito.action)"),
                     )
                 }
+                // Likewise its unset sign-out.
+                k if value.is_null()
+                    && k.starts_with("cognito.pools.")
+                    && k.ends_with(".sign_out") =>
+                {
+                    (
+                        serde_json::Value::Bool(self.cognito.sign_out),
+                        format!("{source} (follows cognito.sign_out)"),
+                    )
+                }
                 k if value.is_null()
                     && k.starts_with("cognito.pools.")
                     && (k.ends_with(".region") || k.ends_with(".endpoint_url")) =>

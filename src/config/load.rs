@@ -964,6 +964,12 @@ mod tests {
                 action.source.contains("follows cognito.action"),
                 "{action:?}"
             );
+            let sign_out = line("cognito.pools.b.sign_out").unwrap();
+            assert_eq!(sign_out.value, "false");
+            assert!(
+                sign_out.source.contains("follows cognito.sign_out"),
+                "{sign_out:?}"
+            );
             // A secret alone, for a pool with no client_id, never echoes it.
             jail.set_env("RESET_WORKER_COGNITO__POOLS__B__CLIENT_ID", "");
             jail.set_env(
