@@ -138,7 +138,7 @@ fn describe() {
     );
     describe_counter!(
         LEDGER_REQUESTS_TOTAL,
-        "Ledger requests by operation (claim, renew, finish, lookup, check) and result (ok, error, fatal)."
+        "Ledger requests by operation (claim, renew, finish, record_reset, lookup, check, ...) and result (ok, error, fatal)."
     );
     describe_histogram!(
         LEDGER_DURATION,
