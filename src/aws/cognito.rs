@@ -355,6 +355,17 @@ impl Pools {
         self.by_name.values().map(|c| c.region.clone()).collect()
     }
 
+    /// Cognito calls a job makes at most on success: 2 when a pool signs
+    /// its users out after the reset, else 1. Paces the receive loop, which
+    /// waits for slots freed at the rate cap divided by this.
+    pub fn calls_per_job(&self) -> f64 {
+        if self.by_name.values().any(Cognito::signs_out) {
+            2.0
+        } else {
+            1.0
+        }
+    }
+
     /// Every pool's replaceable secret, by pool name, for the config
     /// watcher.
     pub fn secrets(&self) -> BTreeMap<String, SharedSecret> {

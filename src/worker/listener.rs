@@ -231,7 +231,10 @@ impl Listener {
         // (slow) pace: waiting for them would hold the other Regions back.
         let stuck = self.shared.limiters.held_by_busy_regions();
         let want = MAX_BATCH.min(self.concurrency.saturating_sub(stuck)).max(1);
-        let rate = self.shared.limiters.effective_rate().max(1.0);
+        // The cap counts calls; a job that also signs the user out makes
+        // two, so slots free at half the rate.
+        let rate =
+            (self.shared.limiters.effective_rate() / self.shared.pools.calls_per_job()).max(1.0);
         let fill_until = tokio::time::Instant::now()
             + Duration::from_secs_f64((want as f64 / rate).min(MAX_FILL_WAIT_SECONDS));
         let mut held = vec![first];
