@@ -1,7 +1,8 @@
 //! Checks the in-process fake of SQS + Cognito (tests/support/fake_aws.rs)
 //! that the benchmark (tests/bench_rate.rs) runs against: its wire format
 //! through the real AWS SDK clients, and the real worker binary draining a
-//! queue through it. No moto, loopback only, a few seconds.
+//! queue through it (with and without `cognito.sign_out`). No moto, loopback
+//! only, a few seconds.
 
 mod support;
 
@@ -15,6 +16,8 @@ use aws_sdk_sqs::types::{
 use support::fake_aws::{
     DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE, SqsOp, md5_hex, run_worker,
 };
+
+const SIGN_OUT_TARGET: &str = "AWSCognitoIdentityProviderService.AdminUserGlobalSignOut";
 
 /// Our use of the `md-5` crate (lower-case hex of the digest) against the
 /// RFC 1321 test suite.
@@ -295,6 +298,141 @@ async fn cognito_sdk_sees_delivery_and_throttling() {
         Some("UnknownOperationException")
     );
     assert_eq!(fake.unknown_operations(), 1);
+}
+
+/// AdminUserGlobalSignOut answers `{}`, is recorded apart from
+/// ForgotPassword, and draws on the same token bucket.
+#[tokio::test]
+async fn sign_out_shares_the_bucket_with_forgot_password() {
+    // Two tokens that hardly refill: a reset and a sign-out pass, the next
+    // sign-out finds the bucket empty.
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::ZERO,
+        throttle: Some((0.001, 2.0)),
+        ..FakeConfig::default()
+    });
+    let cognito = aws_sdk_cognitoidentityprovider::Client::from_conf(
+        support::cognito_client(&fake.url())
+            .await
+            .config()
+            .to_builder()
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    cognito
+        .forgot_password()
+        .client_id("bench")
+        .username("alice@example.com")
+        .send()
+        .await
+        .expect("ForgotPassword");
+    cognito
+        .admin_user_global_sign_out()
+        .user_pool_id("us-east-1_bench")
+        .username("alice@example.com")
+        .send()
+        .await
+        .expect("AdminUserGlobalSignOut");
+    let err = cognito
+        .admin_user_global_sign_out()
+        .user_pool_id("us-east-1_bench")
+        .username("bob@example.com")
+        .send()
+        .await
+        .expect_err("throttled");
+    assert!(
+        err.into_service_error().is_too_many_requests_exception(),
+        "TooManyRequestsException"
+    );
+    assert_eq!(fake.accepted_usernames(), vec!["alice@example.com"]);
+    assert_eq!(
+        fake.accepted_sign_out_usernames(),
+        vec!["alice@example.com"]
+    );
+    assert_eq!(fake.accepted_sign_out_times().len(), 1);
+    assert_eq!(fake.throttled_sign_out_times().len(), 1);
+    assert_eq!(fake.throttled_sign_out_count(), 1);
+    // The sign-out's throttle is its own, not ForgotPassword's.
+    assert_eq!(fake.throttled_count(), 0);
+    assert_eq!(fake.unknown_operations(), 0);
+
+    // The pool is required, as in Cognito.
+    let raw = reqwest::Client::new()
+        .post(fake.url())
+        .header("x-amz-target", SIGN_OUT_TARGET)
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(r#"{"Username":"carol@example.com"}"#)
+        .send()
+        .await
+        .expect("raw sign-out");
+    assert_eq!(raw.status(), 400);
+    assert_eq!(fake.cognito_rejected_count(), 1);
+    assert_eq!(fake.accepted_sign_out_usernames().len(), 1);
+}
+
+/// With `cognito.sign_out` the worker signs every reset user out once, after
+/// the reset, through the fake.
+#[test]
+fn worker_binary_signs_out_through_the_fake() {
+    let fake = FakeAws::start(FakeConfig {
+        cognito_latency: Duration::from_millis(2),
+        ..FakeConfig::default()
+    });
+    let users: Vec<String> = (0..20).map(|i| format!("user{i}@example.com")).collect();
+    fake.enqueue(
+        users
+            .iter()
+            .map(|u| serde_json::json!({"username": u, "campaign_id": "selfcheck"}).to_string()),
+    );
+    let run = run_worker(
+        &fake,
+        &[
+            ("RESET_WORKER_LIMITS__MAX_RPS", "1000"),
+            ("RESET_WORKER_LIMITS__BURST", "100"),
+            ("RESET_WORKER_LIMITS__CONCURRENCY", "8"),
+            ("RESET_WORKER_COGNITO__SIGN_OUT", "true"),
+            ("RESET_WORKER_COGNITO__USER_POOL_ID", "us-east-1_bench"),
+        ],
+        &["--until-empty", "--empty-polls", "1"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(run.exit_code, Some(0), "worker log:\n{}", run.log);
+    let want: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    let reset = fake.accepted_usernames();
+    let signed_out = fake.accepted_sign_out_usernames();
+    assert_eq!(reset.len(), 20, "worker log:\n{}", run.log);
+    assert_eq!(signed_out.len(), 20, "worker log:\n{}", run.log);
+    assert_eq!(
+        reset.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        want
+    );
+    assert_eq!(
+        signed_out
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        want
+    );
+    // Each user's sign-out arrives after their reset was answered.
+    let resets: std::collections::HashMap<String, std::time::Instant> =
+        fake.accepted_resets_by_user().into_iter().collect();
+    for (user, signed_out_at) in fake.accepted_sign_outs_by_user() {
+        let reset_at = resets[&user];
+        assert!(
+            signed_out_at >= reset_at + Duration::from_millis(2),
+            "{user}: sign-out {:?} after the reset",
+            signed_out_at.saturating_duration_since(reset_at)
+        );
+    }
+    assert_eq!(fake.unknown_operations(), 0);
+    assert_eq!(fake.cognito_rejected_count(), 0);
+    assert_eq!(fake.queue_depth(), 0, "queue not empty");
+    assert_eq!(
+        run.summary_field("sent"),
+        Some(20),
+        "worker log:\n{}",
+        run.log
+    );
 }
 
 #[test]

@@ -17,10 +17,16 @@
 //!   `DeleteMessage`, `DeleteMessageBatch` (optional injected failures),
 //!   `ChangeMessageVisibility`, `SendMessage`, `SendMessageBatch`.
 //! * **Cognito user pools**, AWS JSON 1.1
-//!   (`AWSCognitoIdentityProviderService.ForgotPassword`): answers after a
-//!   fixed latency, behind an optional token bucket that answers
-//!   `TooManyRequestsException` when empty. Every accepted call's arrival
-//!   time, username, `ClientId` and `SecretHash` is recorded.
+//!   (`AWSCognitoIdentityProviderService.<Op>`): `ForgotPassword` and
+//!   `AdminUserGlobalSignOut` (the worker's `cognito.sign_out`). Both answer
+//!   after the same fixed latency, behind one optional token bucket that
+//!   answers `TooManyRequestsException` when empty: the worker does not count
+//!   on the sign-out having a quota apart from the recovery calls
+//!   (docs/outcomes.md, "Ending sessions"), so the fake models that worst
+//!   case. Every accepted ForgotPassword call's arrival time, username,
+//!   `ClientId` and `SecretHash` is recorded; every accepted sign-out's
+//!   arrival time and username, apart, so each operation's figures stay
+//!   separate (throttled calls too).
 //! * Anything else: 400 `UnknownOperationException`.
 //!
 //! Field names follow the SDK's own (de)serializers
@@ -73,10 +79,12 @@ const MAX_WAIT_SECONDS: u64 = 20;
 
 #[derive(Debug, Clone)]
 pub struct FakeConfig {
-    /// How long ForgotPassword takes (accepted and throttled calls alike).
+    /// How long each Cognito call (ForgotPassword, AdminUserGlobalSignOut)
+    /// takes, accepted and throttled calls alike.
     pub cognito_latency: Duration,
     /// Cognito's token bucket: `(refill per second, capacity)`. It starts
-    /// full. `None`: never throttle.
+    /// full, and ForgotPassword and AdminUserGlobalSignOut both draw on it.
+    /// `None`: never throttle.
     pub throttle: Option<(f64, f64)>,
     /// Share (0–1) of DeleteMessageBatch entries answered as `Failed`
     /// (`InternalError`, `SenderFault: false`) instead of deleted.
@@ -152,8 +160,12 @@ struct Counters {
     injected_delete_failures: AtomicU64,
     redriven: AtomicU64,
     throttled: AtomicU64,
+    sign_outs_throttled: AtomicU64,
     /// Sum over ForgotPassword calls of arrival → response, in nanoseconds.
+    /// Sign-outs are left out: the raw benchmark divides this by the
+    /// ForgotPassword calls.
     cognito_busy_nanos: AtomicU64,
+    /// Malformed Cognito calls, of either operation.
     cognito_rejected: AtomicU64,
     unknown_operations: AtomicU64,
 }
@@ -275,6 +287,31 @@ struct CognitoState {
     /// `(Username, ClientId, SecretHash)` of every accepted call.
     accepted_calls: Vec<AcceptedCall>,
     throttled_at: Vec<Instant>,
+    /// Accepted AdminUserGlobalSignOut calls: arrival time and username.
+    sign_outs_at: Vec<Instant>,
+    sign_out_users: Vec<String>,
+    sign_outs_throttled_at: Vec<Instant>,
+}
+
+impl CognitoState {
+    /// Takes a token from the bucket (refilled up to `arrival` first); false
+    /// when it is empty. Always true without a throttle.
+    fn admit(&mut self, throttle: Option<(f64, f64)>, arrival: Instant) -> bool {
+        let Some((rate, burst)) = throttle else {
+            return true;
+        };
+        let elapsed = arrival
+            .saturating_duration_since(self.refilled)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.refilled = self.refilled.max(arrival);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What an accepted ForgotPassword call carried.
@@ -416,6 +453,9 @@ impl FakeAws {
                 accepted_users: Vec::new(),
                 accepted_calls: Vec::new(),
                 throttled_at: Vec::new(),
+                sign_outs_at: Vec::new(),
+                sign_out_users: Vec::new(),
+                sign_outs_throttled_at: Vec::new(),
             }),
             counters: Counters::default(),
             nonce: fastrand::u32(..),
@@ -520,6 +560,55 @@ impl FakeAws {
         lock(&self.shared.cognito).accepted_calls.clone()
     }
 
+    /// Arrival times of accepted AdminUserGlobalSignOut calls, in order.
+    pub fn accepted_sign_out_times(&self) -> Vec<Instant> {
+        let mut times = lock(&self.shared.cognito).sign_outs_at.clone();
+        times.sort();
+        times
+    }
+
+    /// Usernames of accepted AdminUserGlobalSignOut calls, in arrival order.
+    pub fn accepted_sign_out_usernames(&self) -> Vec<String> {
+        lock(&self.shared.cognito).sign_out_users.clone()
+    }
+
+    /// `(username, arrival)` of every accepted ForgotPassword call, in the
+    /// order the fake recorded them: pairs a user's reset with their sign-out.
+    pub fn accepted_resets_by_user(&self) -> Vec<(String, Instant)> {
+        let c = lock(&self.shared.cognito);
+        c.accepted_users
+            .iter()
+            .cloned()
+            .zip(c.accepted_at.iter().copied())
+            .collect()
+    }
+
+    /// `(username, arrival)` of every accepted AdminUserGlobalSignOut call,
+    /// in the order the fake recorded them.
+    pub fn accepted_sign_outs_by_user(&self) -> Vec<(String, Instant)> {
+        let c = lock(&self.shared.cognito);
+        c.sign_out_users
+            .iter()
+            .cloned()
+            .zip(c.sign_outs_at.iter().copied())
+            .collect()
+    }
+
+    /// Arrival times of throttled AdminUserGlobalSignOut calls, in order.
+    pub fn throttled_sign_out_times(&self) -> Vec<Instant> {
+        let mut times = lock(&self.shared.cognito).sign_outs_throttled_at.clone();
+        times.sort();
+        times
+    }
+
+    /// AdminUserGlobalSignOut calls answered TooManyRequestsException.
+    pub fn throttled_sign_out_count(&self) -> u64 {
+        self.shared
+            .counters
+            .sign_outs_throttled
+            .load(Ordering::Relaxed)
+    }
+
     /// The messages on `queue` ([`MAIN_QUEUE`], [`DEAD_LETTER_QUEUE`]), visible
     /// or not, oldest first (in process: not counted).
     pub fn messages(&self, queue: &str) -> Vec<QueuedMessage> {
@@ -571,7 +660,8 @@ impl FakeAws {
         self.shared.counters.throttled.load(Ordering::Relaxed)
     }
 
-    /// ForgotPassword calls refused as malformed (no ClientId or Username).
+    /// Cognito calls refused as malformed: ForgotPassword without ClientId
+    /// or Username, AdminUserGlobalSignOut without UserPoolId or Username.
     pub fn cognito_rejected_count(&self) -> u64 {
         self.shared
             .counters
@@ -628,10 +718,16 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             None => not_json(SQS_JSON),
         };
     }
-    if target == format!("{COGNITO_PREFIX}ForgotPassword") {
-        return match parse_body(&body) {
-            Some(input) => forgot_password(&shared, &input).await,
-            None => not_json(COGNITO_JSON),
+    if let Some(op) = target.strip_prefix(COGNITO_PREFIX)
+        && matches!(op, "ForgotPassword" | "AdminUserGlobalSignOut")
+    {
+        let Some(input) = parse_body(&body) else {
+            return not_json(COGNITO_JSON);
+        };
+        return if op == "ForgotPassword" {
+            forgot_password(&shared, &input).await
+        } else {
+            admin_user_global_sign_out(&shared, &input).await
         };
     }
     bump(&shared.counters.unknown_operations);
@@ -1160,20 +1256,7 @@ async fn forgot_password(shared: &Shared, input: &Value) -> Response {
     };
     let accepted = {
         let mut c = lock(&shared.cognito);
-        let ok = match shared.config.throttle {
-            None => true,
-            Some((rate, burst)) => {
-                let elapsed = arrival.saturating_duration_since(c.refilled).as_secs_f64();
-                c.tokens = (c.tokens + elapsed * rate).min(burst);
-                c.refilled = c.refilled.max(arrival);
-                if c.tokens >= 1.0 {
-                    c.tokens -= 1.0;
-                    true
-                } else {
-                    false
-                }
-            }
-        };
+        let ok = c.admit(shared.config.throttle, arrival);
         if ok {
             c.accepted_at.push(arrival);
             c.accepted_users.push(username.to_owned());
@@ -1208,6 +1291,44 @@ async fn forgot_password(shared: &Shared, input: &Value) -> Response {
             }}),
             &[],
         )
+    } else {
+        cognito_error("TooManyRequestsException", "Rate exceeded")
+    }
+}
+
+/// `AdminUserGlobalSignOut`: the same latency and token bucket as
+/// ForgotPassword; success is an empty object, as Cognito answers.
+async fn admin_user_global_sign_out(shared: &Shared, input: &Value) -> Response {
+    let arrival = Instant::now();
+    let (Some(_pool), Some(username)) = (
+        str_field(input, "UserPoolId").filter(|s| !s.is_empty()),
+        str_field(input, "Username").filter(|s| !s.is_empty()),
+    ) else {
+        bump(&shared.counters.cognito_rejected);
+        return cognito_error(
+            "InvalidParameterException",
+            "UserPoolId and Username are required",
+        );
+    };
+    let accepted = {
+        let mut c = lock(&shared.cognito);
+        let ok = c.admit(shared.config.throttle, arrival);
+        if ok {
+            c.sign_outs_at.push(arrival);
+            c.sign_out_users.push(username.to_owned());
+        } else {
+            c.sign_outs_throttled_at.push(arrival);
+        }
+        ok
+    };
+    if !accepted {
+        bump(&shared.counters.sign_outs_throttled);
+    }
+    if !shared.config.cognito_latency.is_zero() {
+        tokio::time::sleep(shared.config.cognito_latency).await;
+    }
+    if accepted {
+        reply(StatusCode::OK, COGNITO_JSON, &json!({}), &[])
     } else {
         cognito_error("TooManyRequestsException", "Rate exceeded")
     }
