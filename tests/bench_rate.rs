@@ -7,7 +7,7 @@
 //! It prints a markdown report (also written to `$BENCH_REPORT` when set).
 //!
 //! `BENCH_ONLY=cap10,adapt,...` runs a subset (keys: cap10, cap30, cap100,
-//! adapt, share20, over1000, raw). `BENCH_STRICT=1` fails the test when a goal is missed;
+//! adapt, share20, over1000, raw, signout30). `BENCH_STRICT=1` fails the test when a goal is missed;
 //! by default it only reports. `FAKE_AWS_WORKER_ENV="KEY=VALUE,..."` adds
 //! worker settings to every run (e.g.
 //! `RESET_WORKER_SQS__DELETE_FLUSH_INTERVAL_MS=1000`), for experiments.
@@ -19,7 +19,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ struct Scenario {
     burst: u32,
     concurrency: u32,
     timeout: Duration,
+    /// Worker settings of this scenario alone (added after the rate limits).
+    env: &'static [(&'static str, &'static str)],
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -49,6 +51,7 @@ fn scenarios() -> Vec<Scenario> {
         burst: 2,
         concurrency: 16,
         timeout: Duration::from_secs(jobs as u64 / rps as u64 + 20),
+        env: &[],
     };
     vec![
         cap("cap10", "1. cap 10/s", 10, 100),
@@ -64,6 +67,7 @@ fn scenarios() -> Vec<Scenario> {
             burst: 2,
             concurrency: 16,
             timeout: Duration::from_secs(60),
+            env: &[],
         },
         // What real users leave of the quota moves; the campaign must keep
         // what is left busy without being throttled much (issue #13's two
@@ -78,6 +82,7 @@ fn scenarios() -> Vec<Scenario> {
             burst: 2,
             concurrency: 16,
             timeout: Duration::from_secs(90),
+            env: &[],
         },
         Scenario {
             key: "over1000",
@@ -89,6 +94,7 @@ fn scenarios() -> Vec<Scenario> {
             burst: 2,
             concurrency: 16,
             timeout: Duration::from_secs(90),
+            env: &[],
         },
         Scenario {
             key: "raw",
@@ -100,6 +106,26 @@ fn scenarios() -> Vec<Scenario> {
             burst: 1000,
             concurrency: 64,
             timeout: Duration::from_secs(60),
+            env: &[],
+        },
+        // `cognito.sign_out`: each user costs a reset and an
+        // AdminUserGlobalSignOut, both on the Region's one limiter, so the
+        // calls together must keep to the cap and users finish at half of it.
+        Scenario {
+            key: "signout30",
+            title: "5. sign-out: cap 30, reset + AdminUserGlobalSignOut",
+            jobs: 300,
+            latency: Duration::from_millis(20),
+            throttle: None,
+            max_rps: 30,
+            burst: 2,
+            concurrency: 16,
+            // Two calls per job at 30/s: 20 s of calls.
+            timeout: Duration::from_secs(300 * 2 / 30 + 20),
+            env: &[
+                ("RESET_WORKER_COGNITO__SIGN_OUT", "true"),
+                ("RESET_WORKER_COGNITO__USER_POOL_ID", "us-east-1_bench"),
+            ],
         },
     ]
 }
@@ -110,6 +136,13 @@ struct Measured {
     times: Vec<Instant>,
     /// Arrival times of throttled calls, sorted.
     throttled_times: Vec<Instant>,
+    /// Accepted AdminUserGlobalSignOut calls, in the fake's order.
+    sign_outs: Vec<(String, Instant)>,
+    /// Every accepted Cognito call (ForgotPassword and sign-out), sorted.
+    all_calls: Vec<Instant>,
+    /// Accepted ForgotPassword calls by user, in the fake's order.
+    resets: Vec<(String, Instant)>,
+    throttled_sign_outs: u64,
     distinct_users: usize,
     throttled: u64,
     fake_cpu: Duration,
@@ -149,6 +182,68 @@ impl Measured {
             }
             _ => 0.0,
         }
+    }
+
+    /// All accepted Cognito calls (resets and sign-outs) per second, first
+    /// to last.
+    fn total_rate(&self) -> f64 {
+        rate_first_to_last(&self.all_calls)
+    }
+
+    /// Users signed out (done, with sign-out on) per second, from the first
+    /// sign-out to the last.
+    fn users_per_second(&self) -> f64 {
+        let mut times: Vec<Instant> = self.sign_outs.iter().map(|(_, t)| *t).collect();
+        times.sort();
+        rate_first_to_last(&times)
+    }
+
+    /// `(users reset with exactly one sign-out after their reset, users
+    /// reset but never signed out, users signed out more than once, sign-outs
+    /// of users never reset or before their reset)`.
+    fn sign_out_pairing(&self) -> (usize, usize, usize, usize) {
+        let mut reset_at: HashMap<&str, Instant> = HashMap::new();
+        for (user, t) in &self.resets {
+            reset_at.entry(user).or_insert(*t);
+        }
+        let mut sign_outs: HashMap<&str, Vec<Instant>> = HashMap::new();
+        for (user, t) in &self.sign_outs {
+            sign_outs.entry(user).or_default().push(*t);
+        }
+        let (mut once, mut never, mut twice) = (0, 0, 0);
+        for user in reset_at.keys() {
+            match sign_outs.get(user).map_or(0, Vec::len) {
+                0 => never += 1,
+                1 => once += 1,
+                _ => twice += 1,
+            }
+        }
+        let stray = self
+            .sign_outs
+            .iter()
+            .filter(|(user, t)| reset_at.get(user.as_str()).is_none_or(|r| t <= r))
+            .count();
+        (once, never, twice, stray)
+    }
+
+    /// `resets/sign-outs` accepted per second since the first call.
+    fn sign_out_timeline(&self) -> String {
+        let Some(first) = self.all_calls.first() else {
+            return String::new();
+        };
+        let second = |t: &Instant| t.duration_since(*first).as_secs() as usize;
+        let last = self.all_calls.last().map_or(0, second);
+        let mut bins = vec![(0u32, 0u32); last + 1];
+        for t in &self.times {
+            bins[second(t)].0 += 1;
+        }
+        for (_, t) in &self.sign_outs {
+            bins[second(t)].1 += 1;
+        }
+        bins.iter()
+            .map(|(r, o)| format!("{r}/{o}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn throttled_share(&self) -> f64 {
@@ -252,6 +347,16 @@ impl Measured {
     }
 }
 
+/// Calls per second from the first to the last of `times` (sorted).
+fn rate_first_to_last(times: &[Instant]) -> f64 {
+    match (times.first(), times.last()) {
+        (Some(a), Some(b)) if times.len() > 1 && b > a => {
+            (times.len() - 1) as f64 / b.duration_since(*a).as_secs_f64()
+        }
+        _ => 0.0,
+    }
+}
+
 fn share(part: u64, whole: u64) -> f64 {
     if whole == 0 {
         0.0
@@ -275,23 +380,28 @@ fn measure(s: &Scenario) -> Measured {
         s.burst.to_string(),
         s.concurrency.to_string(),
     );
-    let run = run_worker(
-        &fake,
-        &[
-            ("RESET_WORKER_LIMITS__MAX_RPS", &rps),
-            ("RESET_WORKER_LIMITS__BURST", &burst),
-            ("RESET_WORKER_LIMITS__CONCURRENCY", &conc),
-            // The rate machinery alone; tests/bench_ledger.rs measures what
-            // each ledger backend adds.
-            ("RESET_WORKER_LEDGER__BACKEND", "memory"),
-        ],
-        &["--until-empty"],
-        s.timeout,
-    );
+    let mut env: Vec<(&str, &str)> = vec![
+        ("RESET_WORKER_LIMITS__MAX_RPS", &rps),
+        ("RESET_WORKER_LIMITS__BURST", &burst),
+        ("RESET_WORKER_LIMITS__CONCURRENCY", &conc),
+        // The rate machinery alone; tests/bench_ledger.rs measures what
+        // each ledger backend adds.
+        ("RESET_WORKER_LEDGER__BACKEND", "memory"),
+    ];
+    env.extend_from_slice(s.env);
+    let run = run_worker(&fake, &env, &["--until-empty"], s.timeout);
     let users = fake.accepted_usernames();
+    let times = fake.accepted_call_times();
+    let mut all_calls = times.clone();
+    all_calls.extend(fake.accepted_sign_out_times());
+    all_calls.sort();
     Measured {
-        times: fake.accepted_call_times(),
+        times,
         throttled_times: fake.throttled_call_times(),
+        sign_outs: fake.accepted_sign_outs_by_user(),
+        all_calls,
+        resets: fake.accepted_resets_by_user(),
+        throttled_sign_outs: fake.throttled_sign_out_count(),
         distinct_users: users.iter().collect::<HashSet<_>>().len(),
         throttled: fake.throttled_count(),
         fake_cpu: fake.cpu_time(),
@@ -384,6 +494,14 @@ fn bench_rate() {
             m.throttled,
             m.steady_rate()
         );
+        if !m.sign_outs.is_empty() {
+            eprintln!(
+                "bench:   {} sign-outs; all calls {:.1}/s; users {:.1}/s",
+                m.sign_outs.len(),
+                m.total_rate(),
+                m.users_per_second()
+            );
+        }
         results.push((s, m));
     }
 
@@ -452,6 +570,57 @@ fn bench_rate() {
                     format!("{:.1} % ({t} of {all})", late * 100.0),
                     "(diagnostic)".into(),
                     None,
+                );
+            }
+            "signout30" => {
+                let (once, never, twice, stray) = m.sign_out_pairing();
+                goal(
+                    "5a",
+                    "users reset; sign-outs accepted; every reset user signed out exactly once, after the reset",
+                    format!(
+                        "{} reset, {} sign-outs ({} throttled); {once} once, {never} never, {twice} more than once, {stray} without a reset before",
+                        m.accepted(),
+                        m.sign_outs.len(),
+                        m.throttled_sign_outs
+                    ),
+                    format!("all {} once", s.jobs),
+                    Some(
+                        once == s.jobs
+                            && never == 0
+                            && twice == 0
+                            && stray == 0
+                            && m.sign_outs.len() == s.jobs,
+                    ),
+                );
+                let bound = (s.max_rps + s.burst) as usize;
+                let worst = support::max_in_one_second(&m.all_calls);
+                goal(
+                    "5b",
+                    "most Cognito calls (resets + sign-outs) in any 1 s window",
+                    worst.to_string(),
+                    format!("≤ {bound} (cap + burst)"),
+                    Some(worst <= bound),
+                );
+                let ratio = m.total_rate() / f64::from(s.max_rps);
+                goal(
+                    "5c",
+                    "total Cognito call rate / cap (resets + sign-outs, first→last call)",
+                    format!(
+                        "{ratio:.4} ({:.2}/s over {} calls)",
+                        m.total_rate(),
+                        m.all_calls.len()
+                    ),
+                    "≥ 0.97".into(),
+                    Some(ratio >= 0.97),
+                );
+                let half = f64::from(s.max_rps) / 2.0;
+                let users = m.users_per_second() / half;
+                goal(
+                    "5d",
+                    "users completed (signed out) per s / (cap / 2), first→last sign-out",
+                    format!("{users:.4} ({:.2}/s)", m.users_per_second()),
+                    "0.97–1.03 (≈ cap / 2)".into(),
+                    Some((0.97..=1.03).contains(&users)),
                 );
             }
             "raw" => {
@@ -599,6 +768,17 @@ fn bench_rate() {
         );
     }
     for (s, m) in &results {
+        if !m.sign_outs.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n{}: the row's accepted calls, rate and max in 1 s are the resets alone; with the sign-outs, {} calls at {:.2}/s (first→last), at most {} in 1 s. Resets/sign-outs accepted per second since the first call: {}",
+                s.title,
+                m.all_calls.len(),
+                m.total_rate(),
+                support::max_in_one_second(&m.all_calls),
+                m.sign_out_timeline()
+            );
+        }
         if s.throttle.is_some() {
             let _ = writeln!(
                 w,
