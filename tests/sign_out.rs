@@ -221,14 +221,15 @@ async fn calls(cognito: &MockServer, target: &str) -> usize {
 /// Settings for one user on wiremock's Cognito: one attempt per delivery,
 /// so each failed sign-out ends the delivery and the job comes back (after
 /// the 1 s minimum deferral) through the ledger.
-fn one_attempt(stack: &Stack, patch: Value) -> reset_worker::config::Settings {
-    let mut base = json!({
-        "cognito": {"sign_out": true, "user_pool_id": "us-east-1_wiremock"},
-        "retry": {"initial_delay_ms": 10, "max_delay_ms": 50, "max_attempts": 1},
-        "limits": {"concurrency": 1, "max_rps": 1000, "burst": 100},
-    });
-    support::app::merge(&mut base, patch);
-    app_settings(stack, base)
+fn one_attempt(stack: &Stack) -> reset_worker::config::Settings {
+    app_settings(
+        stack,
+        json!({
+            "cognito": {"sign_out": true, "user_pool_id": "us-east-1_wiremock"},
+            "retry": {"initial_delay_ms": 10, "max_delay_ms": 50, "max_attempts": 1},
+            "limits": {"concurrency": 1, "max_rps": 1000, "burst": 100},
+        }),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -251,7 +252,7 @@ async fn a_sign_out_failing_twice_is_retried_alone_and_the_user_gets_one_email()
         .mount(&cognito)
         .await;
     send_jobs(&stack, &jobs("flaky", &["flaky@example.com"])).await;
-    let app = spawn_app(one_attempt(&stack, json!({})), Some(&cognito.uri()), false).await;
+    let app = spawn_app(one_attempt(&stack), Some(&cognito.uri()), false).await;
     assert!(
         eventually(Duration::from_secs(60), || async {
             app.campaign_jobs("flaky", "sent") == 1.0
@@ -322,7 +323,7 @@ async fn a_denied_sign_out_halts_and_the_rerun_signs_out_without_a_second_email(
         &jobs("denied", &["first@example.com", "second@example.com"]),
     )
     .await;
-    let err = spawn_app(one_attempt(&stack, json!({})), Some(&cognito.uri()), true)
+    let err = spawn_app(one_attempt(&stack), Some(&cognito.uri()), true)
         .await
         .finished(Duration::from_secs(60))
         .await
@@ -354,7 +355,7 @@ async fn a_denied_sign_out_halts_and_the_rerun_signs_out_without_a_second_email(
         .respond_with(signed_out())
         .mount(&cognito)
         .await;
-    let summary = spawn_app(one_attempt(&stack, json!({})), Some(&cognito.uri()), true)
+    let summary = spawn_app(one_attempt(&stack), Some(&cognito.uri()), true)
         .await
         .finished(Duration::from_secs(60))
         .await

@@ -337,25 +337,18 @@ impl Settings {
             1,
             1000,
         )?;
-        if self.cognito.action == Action::AdminResetUserPassword
-            && self
-                .cognito
-                .user_pool_id
-                .as_deref()
-                .is_none_or(|p| p.trim().is_empty())
-        {
+        let no_pool_id = self
+            .cognito
+            .user_pool_id
+            .as_deref()
+            .is_none_or(|p| p.trim().is_empty());
+        if no_pool_id && self.cognito.action == Action::AdminResetUserPassword {
             return Err(invalid(
                 "cognito.user_pool_id",
                 "is required when `cognito.action` is `admin_reset_user_password`",
             ));
         }
-        if self.cognito.sign_out
-            && self
-                .cognito
-                .user_pool_id
-                .as_deref()
-                .is_none_or(|p| p.trim().is_empty())
-        {
+        if no_pool_id && self.cognito.sign_out {
             return Err(invalid(
                 "cognito.user_pool_id",
                 "is required when `cognito.sign_out` is true (AdminUserGlobalSignOut names the pool)",
@@ -416,21 +409,17 @@ impl Settings {
                 return Err(pool_err("endpoint_url", "must be an http(s) URL"));
             }
             let action = p.action.unwrap_or(self.cognito.action);
-            if action == Action::AdminResetUserPassword
-                && p.user_pool_id
-                    .as_deref()
-                    .is_none_or(|id| id.trim().is_empty())
-            {
+            let no_pool_id = p
+                .user_pool_id
+                .as_deref()
+                .is_none_or(|id| id.trim().is_empty());
+            if no_pool_id && action == Action::AdminResetUserPassword {
                 return Err(pool_err(
                     "user_pool_id",
                     "is required when the pool's action is `admin_reset_user_password`",
                 ));
             }
-            if p.sign_out.unwrap_or(self.cognito.sign_out)
-                && p.user_pool_id
-                    .as_deref()
-                    .is_none_or(|id| id.trim().is_empty())
-            {
+            if no_pool_id && p.sign_out.unwrap_or(self.cognito.sign_out) {
                 return Err(pool_err(
                     "user_pool_id",
                     "is required when the pool signs users out (`sign_out`, or `cognito.sign_out`)",
