@@ -117,10 +117,11 @@ fn stored(item: &HashMap<String, AttributeValue>) -> Option<Stored<'_>> {
     })
 }
 
-/// What a failed request means: a wait, or a misconfiguration that halts.
 /// Whether a conditional `UpdateItem` was applied: `false` when its
 /// condition failed (the entry is someone else's now), an error otherwise.
-fn applied<T, R>(result: Result<T, SdkError<UpdateItemError, R>>) -> Result<bool, LedgerError> {
+fn applied<T, R: std::fmt::Debug>(
+    result: Result<T, SdkError<UpdateItemError, R>>,
+) -> Result<bool, LedgerError> {
     match result {
         Ok(_) => Ok(true),
         Err(err)
@@ -134,11 +135,24 @@ fn applied<T, R>(result: Result<T, SdkError<UpdateItemError, R>>) -> Result<bool
     }
 }
 
-fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> LedgerError {
-    let message = err
-        .message()
-        .map(str::to_owned)
-        .unwrap_or_else(|| aws_smithy_error_kind(err).to_owned());
+/// What a failed request means: a wait, or a misconfiguration that halts.
+fn classify<E, R>(err: &SdkError<E, R>) -> LedgerError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    // Without a service message, the cause says what went wrong: a refused
+    // connection, a timeout, or credentials the SDK could not find.
+    let message = err.message().map(str::to_owned).unwrap_or_else(|| {
+        let mut message = aws_smithy_error_kind(err).to_owned();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cause = c.source();
+        }
+        message
+    });
     match err {
         SdkError::ConstructionFailure(_) => LedgerError::Fatal {
             code: "construction".into(),
