@@ -231,24 +231,15 @@ async fn a_killed_run_resumed_enqueues_each_user_once() {
     ];
     // One page a second, killed (SIGKILL, as a crash) once the first page
     // is recorded.
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"));
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
-        .env("AWS_ENDPOINT_URL_SQS", &stack.moto)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RESET_WORKER_COGNITO__USER_POOL_ID", &stack.user_pool_id)
-        .envs(stack_env(&stack))
+    let pool_id = [(
+        "RESET_WORKER_COGNITO__USER_POOL_ID",
+        stack.user_pool_id.as_str(),
+    )];
+    let mut child = cli_command(&stack, &pool_id, &args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().expect("spawn reset-worker");
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn reset-worker");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&checkpoint).unwrap_or_default();

@@ -423,30 +423,23 @@ async fn a_killed_refresh_keeps_what_it_read_and_the_rerun_reads_the_rest() {
         .unwrap();
     }
     // One call a second, killed (SIGKILL, as a crash) after about three.
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reset-worker"));
-    cmd.args([
+    let pool_id = [(
+        "RESET_WORKER_COGNITO__USER_POOL_ID",
+        stack.user_pool_id.as_str(),
+    )];
+    let args = [
         "report",
         "--campaign",
         "kill",
         "--refresh-status",
         "--status-rps",
         "1",
-    ]);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RESET_WORKER_") || key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("AWS_ENDPOINT_URL_COGNITO_IDENTITY_PROVIDER", &stack.moto)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RESET_WORKER_COGNITO__USER_POOL_ID", &stack.user_pool_id)
-        .envs(stack_env(&stack))
+    ];
+    let mut child = cli_command(&stack, &pool_id, &args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().expect("spawn reset-worker");
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn reset-worker");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     child.kill().expect("kill");
     child.wait().expect("wait");

@@ -135,18 +135,10 @@ struct Row<'a> {
     signed_out_at: String,
 }
 
-/// A report row with `--refresh-status`: [`Row`]'s columns, then
+/// What `--refresh-status` adds after [`Row`]'s columns:
 /// `user_status,checked_at,completion` (empty when never checked).
 #[derive(Debug, Serialize)]
-struct StatusRow<'a> {
-    username: &'a str,
-    state: &'static str,
-    reason: &'a str,
-    attempts: u32,
-    /// RFC 3339, UTC.
-    updated_at: String,
-    /// RFC 3339, UTC; empty when not signed out.
-    signed_out_at: String,
+struct Status<'a> {
     /// Cognito's `UserStatus` at the last check, or `NOT_FOUND`.
     user_status: &'a str,
     /// RFC 3339, UTC.
@@ -155,20 +147,25 @@ struct StatusRow<'a> {
     completion: &'static str,
 }
 
-impl<'a> From<&'a Entry> for StatusRow<'a> {
+impl<'a> From<&'a Entry> for Status<'a> {
     fn from(e: &'a Entry) -> Self {
-        StatusRow {
-            username: &e.username,
-            state: e.state.as_str(),
-            reason: &e.reason,
-            attempts: e.attempts,
-            updated_at: rfc3339(e.updated_at_ms),
-            signed_out_at: e.signed_out_at_ms.map(rfc3339).unwrap_or_default(),
+        Status {
             user_status: e.user_status.as_deref().unwrap_or_default(),
             checked_at: e.checked_at_ms.map(rfc3339).unwrap_or_default(),
             completion: e.completion().map(Completion::as_str).unwrap_or_default(),
         }
     }
+}
+
+/// A JSONL line with `--refresh-status`: one object with both parts. (A
+/// CSV record is the tuple `(Row, Status)`: the csv crate writes a tuple's
+/// structs one after the other, and cannot write a flattened struct.)
+#[derive(Debug, Serialize)]
+struct StatusLine<'a> {
+    #[serde(flatten)]
+    row: Row<'a>,
+    #[serde(flatten)]
+    status: Status<'a>,
 }
 
 /// The CSV header without `--refresh-status`.
@@ -345,7 +342,7 @@ pub async fn write_report(
                 counts.add(entry.state);
                 completion.add(&entry);
                 if with_status {
-                    w.serialize(StatusRow::from(&entry))?;
+                    w.serialize((Row::from(&entry), Status::from(&entry)))?;
                 } else {
                     w.serialize(Row::from(&entry))?;
                 }
@@ -366,7 +363,11 @@ pub async fn write_report(
                 counts.add(entry.state);
                 completion.add(&entry);
                 if with_status {
-                    serde_json::to_writer(&mut *out, &StatusRow::from(&entry))?;
+                    let line = StatusLine {
+                        row: Row::from(&entry),
+                        status: Status::from(&entry),
+                    };
+                    serde_json::to_writer(&mut *out, &line)?;
                 } else {
                     serde_json::to_writer(&mut *out, &Row::from(&entry))?;
                 }

@@ -526,14 +526,10 @@ pub fn forgot_password_calls(moto: &str, client_id: &str) -> Vec<serde_json::Val
 // The command line
 // ---------------------------------------------------------------------------
 
-/// Runs the binary with the stack's env (endpoints on moto), returns
-/// (exit code, stdout, stderr).
-pub fn run_cli(
-    stack: &Stack,
-    extra_env: &[(&str, &str)],
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (i32, String, String) {
+/// The binary with `args` and the stack's env (endpoints on moto, the
+/// stack's queue, client and ledger), then `extra_env`; nothing of the
+/// test's own `RESET_WORKER_*` and `AWS_*` environment.
+pub fn cli_command(stack: &Stack, extra_env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_reset-worker"));
     cmd.args(args);
     for (key, _) in std::env::vars() {
@@ -549,12 +545,20 @@ pub fn run_cli(
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RUST_LOG", "warn");
-    for (k, v) in stack_env(stack) {
-        cmd.env(k, v);
-    }
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
+    cmd.envs(stack_env(stack));
+    cmd.envs(extra_env.iter().copied());
+    cmd
+}
+
+/// Runs the binary as [`cli_command`] builds it; returns (exit code,
+/// stdout, stderr).
+pub fn run_cli(
+    stack: &Stack,
+    extra_env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (i32, String, String) {
+    let mut cmd = cli_command(stack, extra_env, args);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
