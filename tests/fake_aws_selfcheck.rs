@@ -14,7 +14,7 @@ use aws_sdk_sqs::types::{
     SendMessageBatchRequestEntry,
 };
 use support::fake_aws::{
-    DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE, SqsOp, md5_hex, run_worker,
+    DEAD_LETTER_QUEUE, FakeAws, FakeConfig, MAIN_QUEUE, SqsOp, WorkerRun, md5_hex, run_worker,
 };
 
 const SIGN_OUT_TARGET: &str = "AWSCognitoIdentityProviderService.AdminUserGlobalSignOut";
@@ -374,29 +374,14 @@ async fn sign_out_shares_the_bucket_with_forgot_password() {
 /// the reset, through the fake.
 #[test]
 fn worker_binary_signs_out_through_the_fake() {
-    let fake = FakeAws::start(FakeConfig {
-        cognito_latency: Duration::from_millis(2),
-        ..FakeConfig::default()
-    });
-    let users: Vec<String> = (0..20).map(|i| format!("user{i}@example.com")).collect();
-    fake.enqueue(
-        users
-            .iter()
-            .map(|u| serde_json::json!({"username": u, "campaign_id": "selfcheck"}).to_string()),
-    );
-    let run = run_worker(
-        &fake,
+    let (fake, users, run) = drain_through_the_fake(
+        20,
         &[
-            ("RESET_WORKER_LIMITS__MAX_RPS", "1000"),
-            ("RESET_WORKER_LIMITS__BURST", "100"),
             ("RESET_WORKER_LIMITS__CONCURRENCY", "8"),
             ("RESET_WORKER_COGNITO__SIGN_OUT", "true"),
             ("RESET_WORKER_COGNITO__USER_POOL_ID", "us-east-1_bench"),
         ],
-        &["--until-empty", "--empty-polls", "1"],
-        Duration::from_secs(20),
     );
-    assert_eq!(run.exit_code, Some(0), "worker log:\n{}", run.log);
     let want: BTreeSet<&str> = users.iter().map(String::as_str).collect();
     let reset = fake.accepted_usernames();
     let signed_out = fake.accepted_sign_out_usernames();
@@ -435,29 +420,39 @@ fn worker_binary_signs_out_through_the_fake() {
     );
 }
 
-#[test]
-fn worker_binary_drains_fifty_jobs_through_the_fake() {
+/// Starts the fake with `n` users' jobs queued and runs the worker binary
+/// on them until the queue is empty, uncapped (1000/s), with `env` on top;
+/// checks it exited 0.
+fn drain_through_the_fake(n: usize, env: &[(&str, &str)]) -> (FakeAws, Vec<String>, WorkerRun) {
     let fake = FakeAws::start(FakeConfig {
         cognito_latency: Duration::from_millis(2),
         ..FakeConfig::default()
     });
-    let users: Vec<String> = (0..50).map(|i| format!("user{i}@example.com")).collect();
+    let users: Vec<String> = (0..n).map(|i| format!("user{i}@example.com")).collect();
     fake.enqueue(
         users
             .iter()
             .map(|u| serde_json::json!({"username": u, "campaign_id": "selfcheck"}).to_string()),
     );
+    let mut all_env = vec![
+        ("RESET_WORKER_LIMITS__MAX_RPS", "1000"),
+        ("RESET_WORKER_LIMITS__BURST", "100"),
+    ];
+    all_env.extend_from_slice(env);
     let run = run_worker(
         &fake,
-        &[
-            ("RESET_WORKER_LIMITS__MAX_RPS", "1000"),
-            ("RESET_WORKER_LIMITS__BURST", "100"),
-            ("RESET_WORKER_LIMITS__CONCURRENCY", "16"),
-        ],
+        &all_env,
         &["--until-empty", "--empty-polls", "1"],
         Duration::from_secs(20),
     );
     assert_eq!(run.exit_code, Some(0), "worker log:\n{}", run.log);
+    (fake, users, run)
+}
+
+#[test]
+fn worker_binary_drains_fifty_jobs_through_the_fake() {
+    let (fake, users, run) =
+        drain_through_the_fake(50, &[("RESET_WORKER_LIMITS__CONCURRENCY", "16")]);
     let called = fake.accepted_usernames();
     assert_eq!(called.len(), 50, "worker log:\n{}", run.log);
     let distinct: BTreeSet<&str> = called.iter().map(String::as_str).collect();
