@@ -370,7 +370,7 @@ impl UserHasher {
             self.key.expose_secret().as_bytes(),
             &[username.expose().as_bytes()],
         );
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&digest[..8])
     }
 }
 

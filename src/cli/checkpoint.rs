@@ -54,7 +54,7 @@ pub fn digest(jobs: &[Job]) -> String {
         hash.update(job.body.as_bytes());
         hash.update(b"\n");
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash.finalize())
 }
 
 impl Checkpoint {

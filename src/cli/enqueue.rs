@@ -80,11 +80,10 @@ pub fn fifo_ids(campaign: &str, username: &str) -> FifoIds {
         .chain_update([0u8])
         .chain_update(username.as_bytes())
         .finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let group = u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8])) % FIFO_GROUPS;
     FifoIds {
         group_id: format!("reset-{group:02}"),
-        deduplication_id: hex,
+        deduplication_id: hex::encode(digest),
     }
 }
 

@@ -137,7 +137,7 @@ pub fn source_key(user_pool_id: &str, filter: Option<&str>, campaign: &str) -> S
         .chain_update([0u8])
         .chain_update(campaign.as_bytes())
         .finalize();
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash)
 }
 
 /// The validated jobs of one page, in the page's order; the unreachable,
@@ -154,12 +154,13 @@ fn page_jobs(
     let mut seen = HashSet::new();
     let mut jobs = Vec::with_capacity(page.users.len());
     for (i, user) in page.users.iter().enumerate() {
-        match unreachable(user, action) {
+        let cannot = unreachable(user, action);
+        match cannot {
             Some(Unreachable::Disabled) => counts.disabled += 1,
             Some(Unreachable::Unverified) => counts.unverified += 1,
             None => {}
         }
-        if !include_unreachable && unreachable(user, action).is_some() {
+        if cannot.is_some() && !include_unreachable {
             continue;
         }
         if !seen.insert(user.username.as_str()) {
