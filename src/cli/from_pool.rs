@@ -319,11 +319,11 @@ pub async fn run(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let action = pool.action();
     let mut counts = Counts::default();
     let mut token = checkpoint.pagination_token.clone();
-    let mut first = true;
     loop {
-        let resumed_token = (first && token.is_some()).then_some(checkpoint_path.as_path());
+        // Only this run's first request can carry the checkpoint's token.
+        let resumed_token =
+            (counts.pages == 0 && token.is_some()).then_some(checkpoint_path.as_path());
         let page = list_page(pool, &limiter, filter, token.as_deref(), resumed_token).await?;
-        first = false;
         counts.pages += 1;
         counts.listed += page.users.len() as u64;
         let jobs = page_jobs(
