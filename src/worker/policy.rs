@@ -92,16 +92,18 @@ pub fn queue_error_is_fatal(err: &QueueError) -> bool {
     )
 }
 
-/// What the job does after one call.
+/// What the job does after one call. `D` is what a decided call loop
+/// ends with: the job's [`Outcome`] for the reset; for the sign-out, `None`
+/// (signed out) or the outcome it failed with ([`SignOutStep`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub enum Step<D = Outcome> {
     /// Call again after this delay (the call waits for the rate cap too).
     Retry { after: Duration },
     /// The campaign is misconfigured: halt it. This job's message is
     /// released, like every other one still held.
     Halt,
     /// The job is decided.
-    Done(Outcome),
+    Done(D),
 }
 
 /// Decides the next step after call number `attempts` (1-based) ended in
@@ -170,6 +172,17 @@ pub enum SignOutStep {
     /// Not signed out: the job ends in this outcome. The reset is recorded
     /// in the ledger, so the job's next delivery signs out only.
     Failed(Outcome),
+}
+
+impl From<SignOutStep> for Step<Option<Outcome>> {
+    fn from(step: SignOutStep) -> Self {
+        match step {
+            SignOutStep::Retry { after } => Step::Retry { after },
+            SignOutStep::Halt => Step::Halt,
+            SignOutStep::SignedOut => Step::Done(None),
+            SignOutStep::Failed(outcome) => Step::Done(Some(outcome)),
+        }
+    }
 }
 
 /// Decides the next step after sign-out call number `attempts` (1-based).

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::outcome::{Outcome, Report};
 use super::policy::{self, SignOutStep, Step};
-use crate::aws::cognito::{CallError, Cognito, ErrorCode};
+use crate::aws::cognito::{CallError, Cognito, Delivery, ErrorCode};
 use crate::aws::resend::DeadLettered;
 use crate::aws::sqs::ReceivedMessage;
 use crate::backoff::Backoff;
@@ -371,42 +371,74 @@ where
     }
 }
 
-/// The call loop: wait for the rate cap of the Region the job's pool is
-/// in, call the pool, ask the policy, back off.
+/// The reset: the pool's action until [`policy::after_call`] decides.
 async fn call_until_decided(
     shared: &Shared,
     cognito: &Cognito,
     limiter: &RateLimiter,
     job: &ResetJob,
 ) -> Called {
+    let call = || async {
+        let result = cognito.reset(job).await;
+        if let Ok(delivery) = &result {
+            telemetry::code_delivered(delivery.medium);
+        }
+        result
+    };
+    let decide = |result: Result<&Delivery, &CallError>, attempts, backoff: &mut Backoff| {
+        policy::after_call(result, attempts, &shared.retry, backoff)
+    };
+    let (outcome, attempts, last_error) =
+        until_decided(shared, limiter, call, decide, |released| released).await;
+    Called {
+        outcome,
+        attempts,
+        last_error,
+    }
+}
+
+/// The call loop of both steps: wait for the rate cap of the Region the
+/// job's pool is in, `call`, tell the limiter what Cognito made of it, ask
+/// the policy (`decide`), back off. A stop or a pause while waiting ends it
+/// with the job released (`released` makes that a `D`). Returns the
+/// decision, the calls made and the last error.
+async fn until_decided<T, D, Fut>(
+    shared: &Shared,
+    limiter: &RateLimiter,
+    mut call: impl FnMut() -> Fut,
+    mut decide: impl FnMut(Result<&T, &CallError>, u32, &mut Backoff) -> Step<D>,
+    released: impl Fn(Outcome) -> D,
+) -> (D, u32, Option<ErrorCode>)
+where
+    Fut: Future<Output = Result<T, CallError>>,
+{
     let mut backoff = Backoff::for_jobs(&shared.retry);
     let mut attempts = 0;
     let mut last_error = None;
-    let outcome = loop {
+    let decided = loop {
         tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => break policy::released(shared.release_reason()),
+            _ = shared.stop.cancelled() => break released(policy::released(shared.release_reason())),
             granted = limiter.acquire() => if granted.is_err() {
-                break policy::released("paused");
+                break released(policy::released("paused"));
             },
         }
         attempts += 1;
         // Not cancellable: once sent, the call's result must be applied, or
         // a sent email could be followed by a redelivery and a second one.
-        let call_started = Instant::now();
-        let result = cognito.reset(job).await;
-        match &result {
-            Ok(delivery) => telemetry::code_delivered(delivery.medium),
-            Err(err) => last_error = Some(err.code),
+        let started = Instant::now();
+        let result = call().await;
+        if let Err(err) = &result {
+            last_error = Some(err.code);
         }
-        adapt(limiter, call_started, result.as_ref().map(|_| ()));
-        match policy::after_call(result.as_ref(), attempts, &shared.retry, &mut backoff) {
-            Step::Done(outcome) => break outcome,
+        adapt(limiter, started, result.as_ref().map(|_| ()));
+        match decide(result.as_ref(), attempts, &mut backoff) {
+            Step::Done(decided) => break decided,
             Step::Halt => {
                 if let Err(err) = &result {
                     shared.halt(err);
                 }
-                break policy::released("halted");
+                break released(policy::released("halted"));
             }
             Step::Retry { after } => {
                 tracing::debug!(
@@ -417,17 +449,13 @@ async fn call_until_decided(
                 );
                 tokio::select! {
                     biased;
-                    _ = shared.stop.cancelled() => break policy::released(shared.release_reason()),
+                    _ = shared.stop.cancelled() => break released(policy::released(shared.release_reason())),
                     _ = tokio::time::sleep(after) => {}
                 }
             }
         }
     };
-    Called {
-        outcome,
-        attempts,
-        last_error,
-    }
+    (decided, attempts, last_error)
 }
 
 /// Tells the Region's limiter what Cognito made of a call sent at
@@ -448,7 +476,7 @@ struct SignOut {
     last_error: Option<ErrorCode>,
 }
 
-/// The sign-out loop (`cognito.sign_out`), after a reset that went out:
+/// The sign-out (`cognito.sign_out`), after a reset that went out:
 /// `AdminUserGlobalSignOut` on the same Region budget as the reset, until
 /// [`policy::after_sign_out`] decides. It is safe to repeat, so unlike the
 /// reset a stop or a lost answer costs nothing but a later retry.
@@ -458,52 +486,22 @@ async fn sign_out_until_decided(
     limiter: &RateLimiter,
     job: &ResetJob,
 ) -> SignOut {
-    let mut backoff = Backoff::for_jobs(&shared.retry);
-    let mut attempts = 0;
-    let mut last_error = None;
-    let failed = loop {
-        tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => break Some(policy::released(shared.release_reason())),
-            granted = limiter.acquire() => if granted.is_err() {
-                break Some(policy::released("paused"));
-            },
-        }
-        attempts += 1;
-        let started = Instant::now();
+    let call = || async {
         let result = cognito.sign_out(job.username.expose()).await;
-        adapt(limiter, started, result.as_ref().copied());
         telemetry::sign_out(policy::sign_out_label(result.as_ref().copied()));
-        if let Err(err) = &result {
-            last_error = Some(err.code);
-        }
-        match policy::after_sign_out(
-            result.as_ref().copied(),
-            attempts,
-            &shared.retry,
-            &mut backoff,
-        ) {
-            SignOutStep::SignedOut => break None,
-            SignOutStep::Failed(outcome) => break Some(outcome),
-            SignOutStep::Halt => {
-                if let Err(err) = &result {
-                    tracing::error!(
-                        error_code = err.code.as_str(),
-                        "AdminUserGlobalSignOut refused for the campaign (cognito-idp:AdminUserGlobalSignOut allowed?); halting"
-                    );
-                    shared.halt(err);
-                }
-                break Some(policy::released("halted"));
-            }
-            SignOutStep::Retry { after } => {
-                tokio::select! {
-                    biased;
-                    _ = shared.stop.cancelled() => break Some(policy::released(shared.release_reason())),
-                    _ = tokio::time::sleep(after) => {}
-                }
-            }
-        }
+        result
     };
+    let decide = |result: Result<&(), &CallError>, attempts, backoff: &mut Backoff| {
+        let step = policy::after_sign_out(result.copied(), attempts, &shared.retry, backoff);
+        if step == SignOutStep::Halt {
+            tracing::error!(
+                error_code = result.err().map_or("none", |e| e.code.as_str()),
+                "AdminUserGlobalSignOut refused for the campaign (cognito-idp:AdminUserGlobalSignOut allowed?); halting"
+            );
+        }
+        Step::from(step)
+    };
+    let (failed, _, last_error) = until_decided(shared, limiter, call, decide, Some).await;
     SignOut { failed, last_error }
 }
 
